@@ -1,0 +1,22 @@
+"""openus_hub: ultrasound foundation models (OpenUS) as native transformers models.
+
+Importing the package registers every model with the transformers Auto classes, so
+``AutoModel.from_pretrained(folder)`` works without ``trust_remote_code``.
+"""
+
+import logging as _logging
+
+from .models import OpenUSBackbone, OpenUSConfig, OpenUSForImageClassification, OpenUSModel
+from .models.openus import OPENUS_PRESETS
+from .version import __version__
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+__all__ = [
+    "OPENUS_PRESETS",
+    "OpenUSBackbone",
+    "OpenUSConfig",
+    "OpenUSForImageClassification",
+    "OpenUSModel",
+    "__version__",
+]

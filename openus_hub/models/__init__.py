@@ -1,0 +1,25 @@
+"""Model families of openus_hub, registered with the transformers Auto classes on import."""
+
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+)
+
+from .openus import OpenUSBackbone, OpenUSConfig, OpenUSForImageClassification, OpenUSModel
+
+
+def _register() -> None:
+    AutoConfig.register(OpenUSConfig.model_type, OpenUSConfig, exist_ok=True)
+    AutoModel.register(OpenUSConfig, OpenUSModel, exist_ok=True)
+    AutoBackbone.register(OpenUSConfig, OpenUSBackbone, exist_ok=True)
+    AutoModelForImageClassification.register(OpenUSConfig, OpenUSForImageClassification, exist_ok=True)
+    # saved folders carry `auto_map` + the code, so they also load with trust_remote_code where we are not installed
+    OpenUSConfig.register_for_auto_class()
+    OpenUSModel.register_for_auto_class("AutoModel")
+    OpenUSBackbone.register_for_auto_class("AutoBackbone")
+    OpenUSForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+
+_register()

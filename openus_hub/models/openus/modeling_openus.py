@@ -1,0 +1,420 @@
+"""PyTorch OpenUS backbone: VMamba with SS2D cross-scan (OpenUS, arXiv 2511.11510; VMamba, arXiv 2401.10166).
+
+Internally the network runs channel-last (``B, H, W, C``): LayerNorms and linear layers act on the last dimension
+and the convolutions see a channels-last view, so no layout copies are made between blocks. Stage outputs are
+returned channel-first (``B, C, H, W``), as upstream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPoolingAndNoAttention,
+    ImageClassifierOutputWithNoAttention,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging
+
+from openus_hub.ops.ss2d import cross_selective_scan
+
+from .configuration_openus import OpenUSConfig
+
+logger = logging.get_logger(__name__)
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample (timm's DropPath)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class OpenUSDropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+def _conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a Conv2d to a channel-last tensor: (B, H, W, C) -> (B, H', W', C').
+
+    The conv sees a channels-last view. For such inputs oneDNN re-lays-out the weight on every call, so when the
+    weight is larger than the activation (the downsampling convs of late stages) the activation is copied to NCHW
+    instead, which is cheaper; both give the same result.
+    """
+    x = x.permute(0, 3, 1, 2)
+    if conv.weight.numel() > x.numel():
+        x = x.contiguous()
+    return conv(x).permute(0, 2, 3, 1)
+
+
+class OpenUSEmbeddings(nn.Module):
+    """Stem ("v2"): two 3x3 stride-2 convs with LayerNorms and GELU: (B, 3, H, W) -> (B, H/4, W/4, C)."""
+
+    def __init__(self, config: OpenUSConfig):
+        super().__init__()
+        dim = config.embed_dim
+        self.conv1 = nn.Conv2d(config.num_channels, dim // 2, kernel_size=3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(dim // 2, eps=config.layer_norm_eps)
+        self.act = ACT2FN[config.hidden_act]
+        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        # learned token written over masked 32x32 cells in masked-image pretraining (spec §1.6)
+        self.mask_token = nn.Parameter(torch.zeros(1, dim)) if config.use_mask_token else None
+        self.output_stride = config.output_stride
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.conv1(pixel_values).permute(0, 2, 3, 1)  # [B, H/2, W/2, C/2]
+        x = self.act(self.norm1(x))
+        x = self.norm2(_conv_channels_last(self.conv2, x))  # [B, H/4, W/4, C]
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a model built with config.use_mask_token=True")
+            scale = self.output_stride // 4  # one mask cell covers scale x scale stem tokens
+            expected = (x.shape[0], x.shape[1] // scale, x.shape[2] // scale)
+            if tuple(bool_masked_pos.shape) != expected:
+                raise ValueError(f"bool_masked_pos must have shape {expected} (one cell per 32x32 pixels), got "
+                                 f"{tuple(bool_masked_pos.shape)}")
+            mask = bool_masked_pos.repeat_interleave(scale, 1).repeat_interleave(scale, 2)[..., None]
+            x = torch.where(mask, self.mask_token.to(x.dtype), x)
+        return x
+
+
+class OpenUSMixer(nn.Module):
+    """SS2D ("v05_noz"): in_proj -> depth-wise conv -> SiLU -> 4-direction selective scan -> LayerNorm -> out_proj."""
+
+    num_directions = 4
+
+    def __init__(self, config: OpenUSConfig, stage: int):
+        super().__init__()
+        dim, inner = config.hidden_sizes[stage], config.inner_sizes[stage]
+        rank, state, k = config.dt_ranks[stage], config.d_state, self.num_directions
+        self.config = config
+        self.in_proj = nn.Linear(dim, inner, bias=False)
+        self.conv2d = nn.Conv2d(inner, inner, config.d_conv, padding=config.d_conv // 2, groups=inner,
+                                bias=config.conv_bias)
+        self.act = ACT2FN[config.ssm_act]
+        # per-direction parameters, stacked along a leading axis of 4 (upstream layouts, spec §1.9)
+        self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * state, inner))  # [K, R+2N, D]
+        self.dt_proj_weight = nn.Parameter(torch.empty(k, inner, rank))  # [K, D, R]
+        self.dt_proj_bias = nn.Parameter(torch.empty(k, inner))  # [K, D]
+        self.A_log = nn.Parameter(torch.empty(k * inner, state))  # [K*D, N]
+        self.D = nn.Parameter(torch.empty(k * inner))  # [K*D]
+        self.out_norm = nn.LayerNorm(inner, eps=config.layer_norm_eps)
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        self.reset_scan_parameters()
+
+    @torch.no_grad()
+    def reset_scan_parameters(self) -> None:
+        """Mamba "v0" initialisation (spec §1.4): nn.Linear default for x_proj, U(+-R^-0.5) for dt_proj, dt bias =
+        inverse softplus of a log-uniform dt in [dt_min, dt_max], A = -(1..N), D = 1."""
+        cfg = self.config
+        k, inner, rank = self.dt_proj_weight.shape
+        state = self.A_log.shape[1]
+        bound = 1.0 / math.sqrt(inner)  # nn.Linear(D, R+2N) default init, per direction
+        init.uniform_(self.x_proj_weight, -bound, bound)
+        init.uniform_(self.dt_proj_weight, -(rank**-0.5), rank**-0.5)
+        dt = torch.exp(torch.rand(k, inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        init.copy_(self.dt_proj_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        a = torch.arange(1, state + 1, dtype=torch.float32).repeat(k * inner, 1)
+        init.copy_(self.A_log, torch.log(a))
+        init.ones_(self.D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.act(_conv_channels_last(self.conv2d, self.in_proj(x)))  # [B, H, W, D]
+        y = cross_selective_scan(
+            u, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D,
+            implementation=self.config.scan_implementation,
+        )  # [B, H, W, D] float32
+        y = self.out_norm(y).to(x.dtype)
+        return self.out_proj(y)
+
+
+class OpenUSMLP(nn.Module):
+    def __init__(self, config: OpenUSConfig, stage: int):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_sizes[stage], config.mlp_sizes[stage])
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.mlp_sizes[stage], config.hidden_sizes[stage])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class OpenUSLayer(nn.Module):
+    """VSS block, pre-norm: x + DropPath(SS2D(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, config: OpenUSConfig, stage: int, drop_path_rate: float):
+        super().__init__()
+        dim = config.hidden_sizes[stage]
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mixer = OpenUSMixer(config, stage)
+        self.drop_path = OpenUSDropPath(drop_path_rate)
+        if config.mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+            self.mlp = OpenUSMLP(config, stage)
+        else:
+            self.norm2 = self.mlp = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        x = x + self.drop_path(self.mixer(self.norm(x)))
+        if self.mlp is not None:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class OpenUSDownsample(nn.Module):
+    """"v3" downsampling: 3x3 stride-2 conv C -> 2C, then LayerNorm."""
+
+    def __init__(self, config: OpenUSConfig, stage: int):
+        super().__init__()
+        dim = config.hidden_sizes[stage]
+        self.conv = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(2 * dim, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(_conv_channels_last(self.conv, x))
+
+
+class OpenUSStage(nn.Module):
+    def __init__(self, config: OpenUSConfig, stage: int, drop_path_rates: list[float]):
+        super().__init__()
+        self.layers = nn.ModuleList(OpenUSLayer(config, stage, rate) for rate in drop_path_rates)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(layer.__call__, x)
+            else:
+                x = layer(x)
+        return x
+
+
+class OpenUSEncoder(nn.Module):
+    """Four stages; each stage's output is taken *before* its downsampling (spec §1.2)."""
+
+    def __init__(self, config: OpenUSConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        starts = [sum(config.depths[:i]) for i in range(config.num_stages)]
+        self.stages = nn.ModuleList(
+            OpenUSStage(config, i, rates[s : s + d]) for i, (s, d) in enumerate(zip(starts, config.depths))
+        )
+        self.downsamples = nn.ModuleList(OpenUSDownsample(config, i) for i in range(config.num_stages - 1))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            outputs.append(x)  # [B, H_i, W_i, C_i]
+            if i < len(self.downsamples):
+                x = self.downsamples[i](x)
+        return outputs
+
+
+class OpenUSPreTrainedModel(PreTrainedModel):
+    config: OpenUSConfig
+    config_class = OpenUSConfig
+    base_model_prefix = "openus"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OpenUSLayer", "OpenUSDownsample"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Upstream initialisation: trunc_normal(0.02) linears with zero bias, LayerNorm (1, 0), PyTorch default
+        convs, Mamba "v0" for the scan parameters, zero mask token."""
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))  # nn.Conv2d.reset_parameters
+            if module.bias is not None:
+                fan_in = module.weight.shape[1] * module.weight[0, 0].numel()
+                bound = 1 / math.sqrt(fan_in)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, OpenUSMixer):
+            module.reset_scan_parameters()
+        elif isinstance(module, OpenUSEmbeddings) and module.mask_token is not None:
+            init.zeros_(module.mask_token)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is not None and os.path.isdir(save_directory):
+            _vendor_ops_for_remote_code(save_directory)
+
+
+def _vendor_ops_for_remote_code(folder: str) -> None:
+    """Make a saved folder's remote code self-contained: copy ``openus_hub/ops`` beside the modeling file and turn
+    ``from openus_hub.ops.x import`` into ``from .x import``, so `trust_remote_code=True` works without openus_hub."""
+    try:
+        import openus_hub.ops as ops
+
+        ops_dir = os.path.dirname(ops.__file__)
+    except ImportError:  # already running as remote code: the ops files sit beside this one
+        ops_dir = os.path.dirname(os.path.abspath(__file__))
+    for name in ("cpu_scan.py", "cross_scan.py", "selective_scan.py", "ss2d.py"):
+        if os.path.abspath(os.path.join(ops_dir, name)) != os.path.abspath(os.path.join(folder, name)):
+            shutil.copyfile(os.path.join(ops_dir, name), os.path.join(folder, name))
+    path = os.path.join(folder, os.path.basename(__file__))
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        source = re.sub(r"^from openus_hub\.ops\.(\w+) import", r"from .\1 import", source, flags=re.MULTILINE)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(source)
+        os.replace(path + ".tmp", path)
+
+
+class OpenUSModel(OpenUSPreTrainedModel):
+    """OpenUS backbone returning upstream's feature contract.
+
+    * ``last_hidden_state``: ``(B, 1 + H*W, C)`` last-stage tokens with their mean first (upstream ``x_out``);
+    * ``pooler_output``: ``(B, C)``, the mean of the last-stage tokens;
+    * ``hidden_states`` (with ``output_hidden_states=True``): the four out-normed stage maps ``(B, C_i, H_i, W_i)``.
+    """
+
+    def __init__(self, config: OpenUSConfig):
+        super().__init__(config)
+        self.embeddings = OpenUSEmbeddings(config)
+        self.encoder = OpenUSEncoder(config)
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(c, eps=config.layer_norm_eps) for c in config.hidden_sizes)
+        self.post_init()
+
+    def _check_input(self, pixel_values: torch.Tensor) -> None:
+        stride = self.config.output_stride
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must be (batch, {self.config.num_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}; replicate grayscale images to {self.config.num_channels} channels "
+                "(the OpenUS image processor does this)"
+            )
+        h, w = pixel_values.shape[-2:]
+        if h % stride or w % stride:
+            raise ValueError(
+                f"OpenUS needs input sides that are multiples of {stride}, got {h}x{w}; resize or pad the image "
+                f"(e.g. to {max(stride, round(h / stride) * stride)}x{max(stride, round(w / stride) * stride)})"
+            )
+
+    def stage_features(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """The four out-normed stage maps, channel-last ``(B, H_i, W_i, C_i)``."""
+        self._check_input(pixel_values)
+        x = self.embeddings(pixel_values.to(self.embeddings.conv1.weight.dtype), bool_masked_pos)
+        return [norm(o) for norm, o in zip(self.stage_norms, self.encoder(x))]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        maps = self.stage_features(pixel_values, bool_masked_pos)
+        tokens = maps[-1].flatten(1, 2)  # [B, H*W, C] row-major
+        pooled = tokens.mean(dim=1)  # [B, C]
+        last_hidden_state = torch.cat([pooled[:, None], tokens], dim=1)  # [B, 1+H*W, C]
+        hidden_states = tuple(m.permute(0, 3, 1, 2) for m in maps) if output_hidden_states else None
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, pooled, hidden_states) if v is not None)
+        return BaseModelOutputWithPoolingAndNoAttention(
+            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=hidden_states
+        )
+
+
+class OpenUSForImageClassification(OpenUSPreTrainedModel):
+    """OpenUS with a linear classifier on the pooled (mean) last-stage feature, as upstream's linear probe (§3.1)."""
+
+    def __init__(self, config: OpenUSConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.openus = OpenUSModel(config)
+        self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.openus(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        if not return_dict:
+            out = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + out) if loss is not None else out
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class OpenUSBackbone(BackboneMixin, OpenUSPreTrainedModel):
+    """OpenUS as a transformers backbone: out-normed stage maps for dense heads (UperNet, DPT, ...)."""
+
+    has_attentions = False
+
+    def __init__(self, config: OpenUSConfig):
+        super().__init__(config)
+        self.openus = OpenUSModel(config)
+        self.num_features = [config.embed_dim] + config.hidden_sizes
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        maps = [m.permute(0, 3, 1, 2) for m in self.openus.stage_features(pixel_values)]
+        by_name = dict(zip(self.stage_names[1:], maps))
+        if "stem" in self.out_features:
+            raise ValueError("OpenUSBackbone has no 'stem' output; use out_features among stage1..stage4")
+        feature_maps = tuple(by_name[name] for name in self.out_features)
+        hidden_states = tuple(maps) if output_hidden_states else None
+        if not return_dict:
+            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=None)
+
+
+__all__ = ["OpenUSBackbone", "OpenUSForImageClassification", "OpenUSModel", "OpenUSPreTrainedModel"]

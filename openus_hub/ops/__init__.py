@@ -1,0 +1,16 @@
+"""Scan operators of the OpenUS (VMamba) backbone: references in PyTorch and faster paths behind one dispatch."""
+
+from .cross_scan import cross_merge, cross_scan, scan_order
+from .selective_scan import selective_scan_reference
+from .ss2d import SCAN_IMPLEMENTATIONS, cross_selective_scan, mamba_ssm_available, resolve_scan_implementation
+
+__all__ = [
+    "SCAN_IMPLEMENTATIONS",
+    "cross_merge",
+    "cross_scan",
+    "cross_selective_scan",
+    "mamba_ssm_available",
+    "resolve_scan_implementation",
+    "scan_order",
+    "selective_scan_reference",
+]

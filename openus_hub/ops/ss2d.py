@@ -1,0 +1,139 @@
+"""The SS2D scan of VMamba ("v05_noz", spec §1.4 steps 3-7), behind one dispatch point.
+
+``cross_selective_scan`` takes the activated, channel-last input of an SS2D block and its scan parameters, and
+returns the four-direction selective scan merged back to row-major order. Implementations:
+
+* ``"reference"``: cross-scan -> per-direction projections -> :func:`selective_scan_reference` -> cross-merge.
+  Readable, pure PyTorch, runs anywhere (slow: a Python loop over ``L``).
+* ``"cpu_kernel"``: the fused C++ kernel of :mod:`.cpu_scan` (CPU tensors; compiled on first use).
+* ``"mamba_ssm"``: ``mamba_ssm``'s CUDA ``selective_scan_fn`` (CUDA tensors, optional ``[cuda]`` extra).
+* ``"auto"``: ``mamba_ssm`` for CUDA tensors when it imports, ``cpu_kernel`` for CPU tensors when it compiles,
+  ``reference`` otherwise. The chosen path is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .cpu_scan import CHANNEL_BLOCK, fused_cross_scan_cpu
+from .cpu_scan import is_available as cpu_kernel_available
+from .cross_scan import cross_merge, cross_scan
+from .selective_scan import selective_scan_reference
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SCAN_IMPLEMENTATIONS", "cross_selective_scan", "resolve_scan_implementation", "mamba_ssm_available"]
+
+SCAN_IMPLEMENTATIONS = ("auto", "reference", "cpu_kernel", "mamba_ssm")
+
+try:  # optional CUDA kernel; importing mamba_ssm without CUDA raises more than ImportError
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
+except Exception:
+    _mamba_selective_scan_fn = None
+
+_logged: set[str] = set()
+
+
+def mamba_ssm_available() -> bool:
+    return _mamba_selective_scan_fn is not None
+
+
+def resolve_scan_implementation(implementation: str, device: torch.device) -> str:
+    """Turn ``"auto"`` into a concrete implementation for tensors on ``device``; validate explicit choices."""
+    if implementation not in SCAN_IMPLEMENTATIONS:
+        raise ValueError(f"scan implementation must be one of {SCAN_IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "auto":
+        if device.type == "cuda" and mamba_ssm_available():
+            implementation = "mamba_ssm"
+        elif device.type == "cpu" and cpu_kernel_available():
+            implementation = "cpu_kernel"
+        else:
+            implementation = "reference"
+    elif implementation == "mamba_ssm" and (device.type != "cuda" or not mamba_ssm_available()):
+        raise RuntimeError(
+            "scan implementation 'mamba_ssm' needs CUDA tensors and `pip install 'openus_hub[cuda]'`"
+            " (mamba-ssm, built with --no-build-isolation); use 'auto' to fall back automatically"
+        )
+    elif implementation == "cpu_kernel" and (device.type != "cpu" or not cpu_kernel_available()):
+        raise RuntimeError(
+            "scan implementation 'cpu_kernel' needs CPU tensors and a C++ compiler with `ninja` installed;"
+            " use 'auto' to fall back automatically"
+        )
+    if implementation not in _logged:
+        _logged.add(implementation)
+        logger.info("OpenUS selective scan: using the %s implementation on %s", implementation, device.type)
+    return implementation
+
+
+def _projections(xs: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor):
+    """Per-direction projections of scanned sequences ``xs (B, K, D, L)`` -> ``dts (B, K, D, L)``, ``Bs, Cs (B, K, N, L)``."""
+    rank = dt_proj_weight.shape[-1]
+    state = (x_proj_weight.shape[1] - rank) // 2
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)  # [B, K, R+2N, L]
+    dts, Bs, Cs = torch.split(x_dbl, [rank, state, state], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_proj_weight)  # [B, K, D, L]
+    return dts, Bs, Cs
+
+
+def cross_selective_scan(
+    u: torch.Tensor,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_proj_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Four-direction selective scan of an SS2D block.
+
+    Args:
+        u: ``(B, H, W, D)`` channel-last input (after in_proj, depth-wise conv and activation).
+        x_proj_weight: ``(K, R + 2N, D)`` per-direction projection to ``(dt, B, C)``.
+        dt_proj_weight: ``(K, D, R)``; dt_proj_bias: ``(K, D)``.
+        A_log: ``(K * D, N)`` with ``A = -exp(A_log)``; D: ``(K * D,)`` skip weights.
+        implementation: one of :data:`SCAN_IMPLEMENTATIONS`.
+
+    Returns:
+        ``(B, H, W, D)`` float32: the sum over the four directions, row-major positions.
+    """
+    batch, height, width, channels = u.shape
+    k = x_proj_weight.shape[0]
+    length = height * width
+    impl = resolve_scan_implementation(implementation, u.device)
+    A = -torch.exp(A_log.float())  # [K*D, N]
+
+    if impl == "cpu_kernel":
+        rank, block = dt_proj_weight.shape[-1], CHANNEL_BLOCK
+        nblk = -(-channels // block)
+        flat = u.reshape(batch, length, channels)  # [B, L, D]
+        x_dbl = (flat @ x_proj_weight.reshape(-1, channels).t()).view(batch, length, k, -1)  # [B, L, K, R+2N]
+        dts = x_dbl[..., :rank].permute(2, 0, 1, 3).reshape(k, 1, batch * length, rank)  # [K, 1, B*L, R]
+        # step-size projection straight into the kernel's channel-blocked layout (zero-padded to whole blocks)
+        weight = F.pad(dt_proj_weight, (0, 0, 0, nblk * block - channels))  # [K, nblk*16, R]
+        weight = weight.view(k, nblk, block, rank).transpose(2, 3)  # [K, nblk, R, 16]
+        dt = torch.matmul(dts, weight)  # [K, nblk, B*L, 16]
+        y = fused_cross_scan_cpu(
+            flat, dt, dt_proj_bias, x_dbl[..., rank:], A.view(k, channels, -1), D.view(k, channels), height, width
+        )
+        return y.view(batch, height, width, channels)
+
+    xs = cross_scan(u.permute(0, 3, 1, 2))  # [B, K, D, L]
+    dts, Bs, Cs = _projections(xs, x_proj_weight, dt_proj_weight)
+    scan = _mamba_selective_scan_fn if impl == "mamba_ssm" else selective_scan_reference
+    if impl == "mamba_ssm":  # the CUDA kernel wants contiguous fp32 B/C and matching dtypes
+        Bs, Cs = Bs.float().contiguous(), Cs.float().contiguous()
+    ys = scan(
+        xs.reshape(batch, k * channels, length),
+        dts.reshape(batch, k * channels, length),
+        A,
+        Bs,
+        Cs,
+        D.float(),
+        delta_bias=dt_proj_bias.reshape(-1).float(),
+        delta_softplus=True,
+    )  # [B, K*D, L]
+    y = cross_merge(ys.view(batch, k, channels, height, width).float())  # [B, D, L]
+    return y.view(batch, channels, height, width).permute(0, 2, 3, 1)
