@@ -100,19 +100,29 @@ class OpenUSEmbeddings(nn.Module):
 
 
 class OpenUSMixer(nn.Module):
-    """SS2D ("v05_noz"): in_proj -> depth-wise conv -> SiLU -> 4-direction selective scan -> LayerNorm -> out_proj."""
+    """SS2D ("v05_noz"): in_proj -> depth-wise conv -> activation -> 4-direction selective scan -> LayerNorm ->
+    out_proj, channel-last. The backbone builds it from its config (`for_stage`); decoders with other sizes (e.g. the
+    segmentation head's d_state 4, GELU, conv bias) pass them explicitly."""
 
     num_directions = 4
 
-    def __init__(self, config: OpenUSConfig, stage: int):
+    def __init__(
+        self,
+        config: OpenUSConfig,
+        dim: int,
+        inner: int,
+        rank: int,
+        d_state: int,
+        d_conv: int = 3,
+        conv_bias: bool = False,
+        act: str = "silu",
+    ):
         super().__init__()
-        dim, inner = config.hidden_sizes[stage], config.inner_sizes[stage]
-        rank, state, k = config.dt_ranks[stage], config.d_state, self.num_directions
+        state, k = d_state, self.num_directions
         self.config = config
         self.in_proj = nn.Linear(dim, inner, bias=False)
-        self.conv2d = nn.Conv2d(inner, inner, config.d_conv, padding=config.d_conv // 2, groups=inner,
-                                bias=config.conv_bias)
-        self.act = ACT2FN[config.ssm_act]
+        self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=d_conv // 2, groups=inner, bias=conv_bias)
+        self.act = ACT2FN[act]
         # per-direction parameters, stacked along a leading axis of 4 (upstream layouts, spec §1.9)
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * state, inner))  # [K, R+2N, D]
         self.dt_proj_weight = nn.Parameter(torch.empty(k, inner, rank))  # [K, D, R]
@@ -122,6 +132,11 @@ class OpenUSMixer(nn.Module):
         self.out_norm = nn.LayerNorm(inner, eps=config.layer_norm_eps)
         self.out_proj = nn.Linear(inner, dim, bias=False)
         self.reset_scan_parameters()
+
+    @classmethod
+    def for_stage(cls, config: OpenUSConfig, stage: int) -> OpenUSMixer:
+        return cls(config, config.hidden_sizes[stage], config.inner_sizes[stage], config.dt_ranks[stage],
+                   config.d_state, config.d_conv, config.conv_bias, config.ssm_act)
 
     @torch.no_grad()
     def reset_scan_parameters(self) -> None:
@@ -168,7 +183,7 @@ class OpenUSLayer(nn.Module):
         super().__init__()
         dim = config.hidden_sizes[stage]
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.mixer = OpenUSMixer(config, stage)
+        self.mixer = OpenUSMixer.for_stage(config, stage)
         self.drop_path = OpenUSDropPath(drop_path_rate)
         if config.mlp_ratio > 0:
             self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
