@@ -2,7 +2,14 @@
 
 from .cross_scan import cross_merge, cross_scan, scan_order
 from .selective_scan import selective_scan_reference
-from .ss2d import SCAN_IMPLEMENTATIONS, cross_selective_scan, mamba_ssm_available, resolve_scan_implementation
+from .ss2d import (
+    SCAN_IMPLEMENTATIONS,
+    cross_selective_scan,
+    mamba_ssm_available,
+    minmax_normalize,
+    resolve_scan_implementation,
+    ss2d_attention_map,
+)
 
 __all__ = [
     "SCAN_IMPLEMENTATIONS",
@@ -10,7 +17,9 @@ __all__ = [
     "cross_scan",
     "cross_selective_scan",
     "mamba_ssm_available",
+    "minmax_normalize",
     "resolve_scan_implementation",
     "scan_order",
     "selective_scan_reference",
+    "ss2d_attention_map",
 ]

@@ -406,18 +406,43 @@ def is_available() -> bool:
     return _load() is not None
 
 
-class _FusedCrossScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, dt, bias, bc, A, Dskip, height, width):
-        tensors = [t.float().contiguous() for t in (u, dt, bias, bc, A, Dskip)]
-        ctx.save_for_backward(*tensors)
-        ctx.hw = (height, width)
-        return _module.scan_fwd(*tensors, height, width)
+# The kernel is a torch custom op (with fake tensors for shapes), so torch.compile traces through it.
+def _define_ops():
+    try:
+        @torch.library.custom_op("openus_hub::ss2d_scan_fwd", mutates_args=(), device_types="cpu")
+        def scan_fwd(u: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor, bc: torch.Tensor, A: torch.Tensor,
+                     Dskip: torch.Tensor, height: int, width: int) -> torch.Tensor:
+            return _module.scan_fwd(u, dt, bias, bc, A, Dskip, height, width)
 
-    @staticmethod
+        @torch.library.custom_op("openus_hub::ss2d_scan_bwd", mutates_args=(), device_types="cpu")
+        def scan_bwd(gy: torch.Tensor, u: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor, bc: torch.Tensor,
+                     A: torch.Tensor, Dskip: torch.Tensor, height: int, width: int) -> list[torch.Tensor]:
+            return list(_module.scan_bwd(gy, u, dt, bias, bc, A, Dskip, height, width))
+    except RuntimeError:  # already defined in this process (e.g. by a remote-code copy of this file)
+        return torch.ops.openus_hub.ss2d_scan_fwd, torch.ops.openus_hub.ss2d_scan_bwd
+
+    @scan_fwd.register_fake
+    def _(u, dt, bias, bc, A, Dskip, height, width):
+        return torch.empty_like(u)
+
+    @scan_bwd.register_fake
+    def _(gy, u, dt, bias, bc, A, Dskip, height, width):
+        return [torch.empty_like(u), torch.empty_like(dt), torch.empty_like(bias), torch.empty_like(bc),
+                torch.empty_like(A), torch.empty_like(Dskip)]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:6])
+        ctx.hw = inputs[6:]
+
     def backward(ctx, gy):
-        grads = _module.scan_bwd(gy.float().contiguous(), *ctx.saved_tensors, *ctx.hw)
+        grads = scan_bwd(gy.contiguous(), *ctx.saved_tensors, *ctx.hw)
         return (*grads, None, None)
+
+    scan_fwd.register_autograd(backward, setup_context=setup_context)
+    return scan_fwd, scan_bwd
+
+
+_scan_fwd_op, _scan_bwd_op = _define_ops()
 
 
 def fused_cross_scan_cpu(
@@ -433,4 +458,5 @@ def fused_cross_scan_cpu(
     """Four-direction selective scan summed over directions; layouts in the module docstring. Differentiable."""
     if _load() is None:
         raise RuntimeError(f"the OpenUS CPU scan kernel is unavailable: {_failed}")
-    return _FusedCrossScan.apply(u, dt, bias, bc, A, Dskip, height, width)
+    tensors = [t.float().contiguous() for t in (u, dt, bias, bc, A, Dskip)]
+    return _scan_fwd_op(*tensors, height, width)

@@ -25,7 +25,14 @@ from .selective_scan import selective_scan_reference
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCAN_IMPLEMENTATIONS", "cross_selective_scan", "resolve_scan_implementation", "mamba_ssm_available"]
+__all__ = [
+    "SCAN_IMPLEMENTATIONS",
+    "cross_selective_scan",
+    "minmax_normalize",
+    "mamba_ssm_available",
+    "resolve_scan_implementation",
+    "ss2d_attention_map",
+]
 
 SCAN_IMPLEMENTATIONS = ("auto", "reference", "cpu_kernel", "mamba_ssm")
 
@@ -137,3 +144,49 @@ def cross_selective_scan(
     )  # [B, K*D, L]
     y = cross_merge(ys.view(batch, k, channels, height, width).float())  # [B, D, L]
     return y.view(batch, channels, height, width).permute(0, 2, 3, 1)
+
+
+def ss2d_attention_map(
+    u: torch.Tensor,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_proj_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    clamp: float = 1e-20,
+) -> torch.Tensor:
+    """Implicit attention of an SS2D block's selective scans ("CwBw", spec §1.8), summed over the four directions.
+
+    For direction ``g`` the scan output at step ``i`` is ``sum_j M_g(i, j) u(j)`` (plus the skip term), with
+    ``M_g(i, j) = mean_d sum_n C_n(i) w_n(i) B_n(j) / w_n(j)`` for ``j <= i``, ``w(t) = exp(cumsum_{s<=t} A delta(s))``.
+    As upstream, ``w`` is computed in float32 and the divisor clamped at ``clamp``. Each direction's map is taken back
+    to row-major order and the four are summed.
+
+    Args:
+        u: ``(B, H, W, D)`` channel-last scan input; other arguments as in :func:`cross_selective_scan`.
+
+    Returns:
+        ``(B, L, L)`` float32, rows = query positions, columns = key positions, row-major; not normalised.
+    """
+    batch, height, width, channels = u.shape
+    length = height * width
+    xs = cross_scan(u.float().permute(0, 3, 1, 2))  # [B, K, D, L]
+    dts, Bs, Cs = _projections(xs, x_proj_weight.float(), dt_proj_weight.float())
+    k = xs.shape[1]
+    delta = F.softplus(dts + dt_proj_bias.float().view(1, k, channels, 1))  # [B, K, D, L]
+    A = -torch.exp(A_log.float()).view(k, channels, -1)  # [K, D, N]
+    w = torch.exp(torch.cumsum(A[None, :, :, :, None] * delta[:, :, :, None, :], dim=-1))  # [B, K, D, N, L]
+    q = Cs[:, :, None] * w  # [B, K, D, N, L]
+    key = Bs[:, :, None] / w.clamp(min=clamp)  # [B, K, D, N, L]
+    maps = torch.einsum("bgdni,bgdnj->bgij", q, key) / channels  # [B, K, L, L]
+    maps = maps * torch.ones(length, length, device=u.device).tril()  # causal: key j <= query i
+
+    def col_to_row(m: torch.Tensor) -> torch.Tensor:  # column-major scan order -> row-major, both axes
+        return m.reshape(batch, width, height, width, height).permute(0, 2, 1, 4, 3).reshape(batch, length, length)
+
+    flipped = maps[:, 2:].flip(-1, -2)  # reversed directions back to forward order
+    return maps[:, 0] + col_to_row(maps[:, 1]) + flipped[:, 0] + col_to_row(flipped[:, 1])
+
+
+def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Upstream OpenUS's normalisation of attention maps: min-max over the *whole batch tensor* (no epsilon)."""
+    return (x - x.min()) / (x.max() - x.min())
