@@ -12,9 +12,16 @@ The architecture (depths, widths, d_state, ssm_ratio, dt ranks, conv kernel, MLP
 shapes; no preset name is needed. Every key is accounted for: renamed, or dropped as a reported pretraining-only
 group; anything else is an error.
 
+With ``--seg-head HEAD`` the output is one ``OpenUSForSemanticSegmentation`` folder (backbone + upstream MambaDecoder
+head, spec §3.2), loadable with ``AutoModelForSemanticSegmentation``. ``HEAD`` is what upstream's
+``eval_segmentation.py`` saves (``{epoch, state_dict, optimizer, scheduler, best_miou, best_dice}``, the head's keys
+``decoder.*``), or a plain state dict (``.safetensors``/``.pth``) holding the head as top-level ``decoder.*`` keys,
+e.g. beside ``backbone.*``; ``--seg-head`` without a value takes the head from ``--checkpoint``. The decoder's width,
+depths, d_state, SS2D ratio, attention reductions and number of labels are inferred from the head's shapes.
+
 Usage:
     python conversion/convert_openus_to_hf.py --checkpoint PATH --output-dir DIR [--source teacher|student]
-        [--keep-mask-token] [--overwrite]
+        [--keep-mask-token] [--overwrite] [--seg-head [HEAD]]
 """
 
 from __future__ import annotations
@@ -63,6 +70,35 @@ PRETRAINING_ONLY_KEYS = {
     r"^ema_loss_map$":       "reconstruction-loss EMA map (ema_loss_map)",
     r"^masked_embed$":       "masked-image-modelling token (masked_embed; keep with --keep-mask-token)",
     r"^classifier\.":        "ImageNet classifier (classifier.*)",
+}
+# fmt: on
+
+# upstream MambaDecoder head (keys without their leading "decoder."). "<i>" marks an upstream layers_up index i >= 1,
+# which becomes decoder stage i - 1 (layers_up.0 is the patch expansion). _BLOCK / _LAYER: a CVSS decoder block.
+_BLOCK, _LAYER = r"^layers_up\.(\d+)\.blocks\.(\d+)\.", r"decoder.stages.<\1>.layers.\2."
+# fmt: off
+HEAD_ORIGINAL_TO_CONVERTED_KEY_MAPPING = {
+    r"^layers_up\.0\.expand\.":            r"decoder.patch_expand.expand.",
+    r"^layers_up\.0\.norm\.":              r"decoder.patch_expand.norm.",
+    _BLOCK + r"scale([12])$":              _LAYER + r"scale\3",
+    _BLOCK + r"norm([12])\.":              _LAYER + r"norm\3.",
+    _BLOCK + r"op\.in_proj\.":             _LAYER + r"mixer.in_proj.",
+    _BLOCK + r"op\.conv2d\.":              _LAYER + r"mixer.conv2d.",
+    _BLOCK + r"op\.x_proj_weight$":        _LAYER + r"mixer.x_proj_weight",
+    _BLOCK + r"op\.dt_projs_weight$":      _LAYER + r"mixer.dt_proj_weight",
+    _BLOCK + r"op\.dt_projs_bias$":        _LAYER + r"mixer.dt_proj_bias",
+    _BLOCK + r"op\.A_logs$":               _LAYER + r"mixer.A_log",
+    _BLOCK + r"op\.Ds$":                   _LAYER + r"mixer.D",
+    _BLOCK + r"op\.out_norm\.":            _LAYER + r"mixer.out_norm.",
+    _BLOCK + r"op\.out_proj\.":            _LAYER + r"mixer.out_proj.",
+    _BLOCK + r"conv_blk\.cab\.0\.":        _LAYER + r"conv_attention.conv1.",
+    _BLOCK + r"conv_blk\.cab\.2\.":        _LAYER + r"conv_attention.conv2.",
+    _BLOCK + r"conv_blk\.cab\.3\.fc\.0\.": _LAYER + r"conv_attention.attention.fc1.",
+    _BLOCK + r"conv_blk\.cab\.3\.fc\.2\.": _LAYER + r"conv_attention.attention.fc2.",
+    r"^layers_up\.(\d+)\.upsample\.":      r"decoder.stages.<\1>.upsample.",
+    r"^norm_up\.":                         r"decoder.norm.",
+    r"^up\.":                              r"decoder.final_upsample.",
+    r"^output\.":                          r"decoder.classifier.",
 }
 # fmt: on
 
@@ -259,6 +295,170 @@ def convert(checkpoint: str, source: str = "teacher", keep_mask_token: bool = Fa
     return model.eval(), report
 
 
+def extract_seg_head(ckpt: dict) -> tuple[dict, dict[str, list[str]]]:
+    """The MambaDecoder head of a loaded file (upstream names without ``decoder.``), and what else it held.
+
+    Accepts upstream's ``eval_segmentation.py`` checkpoint (head under ``state_dict``) or a plain state dict whose head
+    keys are top-level ``decoder.*`` (optionally ``module.decoder.*``), e.g. beside ``backbone.*``. The backbone's own
+    pixel-reconstruction decoders (``backbone.decoder.*``) are never taken for the head."""
+    dropped: dict[str, list[str]] = defaultdict(list)
+    state = ckpt
+    if isinstance(ckpt.get("state_dict"), dict):  # eval_segmentation.py: {epoch, state_dict, optimizer, ...}
+        state = ckpt["state_dict"]
+        dropped["other checkpoint entries"] = sorted(set(ckpt) - {"state_dict"})
+    elif isinstance(ckpt.get("model"), dict):
+        state = ckpt["model"]
+        dropped["other checkpoint entries"] = sorted(set(ckpt) - {"model"})
+    prefix = next((p for p in ("decoder.", "module.decoder.") if any(k.startswith(p) for k in state)), None)
+    if prefix is None:
+        raise ConversionError(
+            "no segmentation head found: expected upstream MambaDecoder keys like 'decoder.layers_up.0.expand.weight' "
+            f"(under 'state_dict' in an eval_segmentation.py checkpoint); first keys seen: {list(state)[:5]}"
+        )
+    head = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            if not isinstance(value, torch.Tensor):
+                raise ConversionError(f"head entry {key!r} is a {type(value).__name__}, not a tensor")
+            head[key[len(prefix):]] = value
+        else:
+            dropped[f"non-head group '{key.split('.')[0]}.*'"].append(key)
+    if "output.weight" not in head or "layers_up.0.expand.weight" not in head:
+        raise ConversionError("the head lacks 'decoder.output.weight' or 'decoder.layers_up.0.expand.weight': not an "
+                              "upstream MambaDecoder (deep supervision and other decoders are not supported)")
+    return head, {k: v for k, v in dropped.items() if v}
+
+
+def rename_head_keys(head: dict) -> dict:
+    """Map upstream MambaDecoder keys (without ``decoder.``) to ours; unknown keys raise."""
+    renamed, unknown = {}, []
+    for key, value in head.items():
+        for pattern, replacement in HEAD_ORIGINAL_TO_CONVERTED_KEY_MAPPING.items():
+            if re.search(pattern, key):
+                new = re.sub(pattern, replacement, key)
+                renamed[re.sub(r"<(\d+)>", lambda m: str(int(m.group(1)) - 1), new)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(f"{len(unknown)} head key(s) not understood (not an upstream MambaDecoder, or deep "
+                              f"supervision heads?): {unknown[:8]}")
+    return renamed
+
+
+def _solve_reduction(widths: list[int], observed: list[int], default: int, what: str) -> int:
+    """The integer r with ``max(1, width // r) == observed`` at every level, preferring upstream's default."""
+    for r in [default] + list(range(1, max(widths) + 1)):
+        if all(max(1, w // r) == o for w, o in zip(widths, observed)):
+            return r
+    raise ConversionError(f"no single {what} reduction r gives widths {observed} from {widths} (width // r)")
+
+
+def infer_head_config_kwargs(head: dict, backbone_kwargs: dict) -> dict:
+    """Decoder settings from the head's tensor shapes (upstream names without ``decoder.``); checks them against the
+    backbone (the decoder adds the backbone's stage maps, so the widths must agree)."""
+    num_stages = len(backbone_kwargs["depths"])
+    embed_dim = backbone_kwargs["embed_dim"]
+    levels = 1 + max(int(k.split(".")[1]) for k in head if k.startswith("layers_up."))
+    if levels != num_stages:
+        raise ConversionError(f"the head has {levels} decoder levels (layers_up.*), the backbone {num_stages} stages")
+    num_labels, width0 = head["output.weight"].shape[:2]
+    expand_in = head["layers_up.0.expand.weight"].shape[1]
+    if width0 != embed_dim or expand_in != embed_dim * 2 ** (num_stages - 1):
+        raise ConversionError(
+            f"head width {width0} (patch expand input {expand_in}) does not match the backbone (embed_dim "
+            f"{embed_dim}, last stage {embed_dim * 2 ** (num_stages - 1)}): was the head trained on another backbone?"
+        )
+    depths = [0] * num_stages
+    ratios, states, compress, squeeze, widths = set(), set(), [], [], []
+    for i in range(1, num_stages):
+        level = num_stages - 1 - i
+        width = embed_dim * 2**level
+        blocks = {int(k.split(".")[3]) for k in head if k.startswith(f"layers_up.{i}.blocks.")}
+        if blocks != set(range(len(blocks))):
+            raise ConversionError(f"layers_up.{i} has non-contiguous block indices {sorted(blocks)}")
+        depths[level] = len(blocks)
+        if not blocks:
+            continue
+        b = f"layers_up.{i}.blocks.0."
+        try:
+            inner = head[b + "op.in_proj.weight"].shape[0]
+            rank = head[b + "op.dt_projs_weight"].shape[2]
+            states.add(head[b + "op.A_logs"].shape[1])
+            compress.append(head[b + "conv_blk.cab.0.weight"].shape[0])
+            squeeze.append(head[b + "conv_blk.cab.3.fc.0.weight"].shape[0])
+        except KeyError as err:
+            raise ConversionError(f"layers_up.{i} lacks {err.args[0]!r}: not an upstream CVSSDecoderBlock") from None
+        if rank != -(-width // 16):
+            raise ConversionError(f"layers_up.{i}: dt rank {rank}, but the decoder uses ceil({width}/16)")
+        ratios.add(inner / width)
+        widths.append(width)
+    # upstream's last entry has no blocks (layers_up.0 only expands) and only stretches the drop-path schedule; take
+    # the next level's depth, which restores upstream's uniform default ([4, 4, 4, 4])
+    depths[-1] = depths[-2]
+    for name, values in (("decoder ssm_ratio", ratios), ("decoder d_state", states)):
+        if len(values) > 1:
+            raise ConversionError(f"{name} differs between decoder levels ({sorted(values)}); not supported")
+    kwargs = {"num_labels": int(num_labels), "decoder_depths": depths}
+    if states:
+        kwargs["decoder_d_state"] = states.pop()
+        kwargs["decoder_ssm_ratio"] = ratios.pop()
+        kwargs["decoder_ca_compress"] = _solve_reduction(widths, compress, 3, "CAB")
+        kwargs["decoder_ca_squeeze"] = _solve_reduction(widths, squeeze, 30, "channel-attention")
+    return kwargs
+
+
+def convert_segmentation(checkpoint: str, seg_head: str | None = None, source: str = "teacher",
+                         keep_mask_token: bool = False):
+    """Backbone from ``checkpoint`` + MambaDecoder head from ``seg_head`` (default: the same file) -> an
+    ``OpenUSForSemanticSegmentation``; returns (model, report dict). Raises ConversionError on anything unexpected."""
+    from openus_hub import OpenUSConfig, OpenUSForSemanticSegmentation
+
+    ckpt = load_checkpoint(checkpoint)
+    backbone, dropped = extract_backbone(ckpt, source)
+    same_file = seg_head is None or os.path.abspath(seg_head) == os.path.abspath(checkpoint)
+    head, dropped_head = extract_seg_head(ckpt if same_file else load_checkpoint(seg_head))
+    for group in ("non-backbone group 'decoder.*'", "non-backbone group 'module.decoder.*'"):
+        if group in dropped:  # a head inside the backbone file: kept when it is the head converted, else reported
+            keys = dropped.pop(group)
+            if not same_file:
+                dropped[f"{group} (a head in --checkpoint; the head converted is --seg-head's)"] = keys
+    for group, keys in dropped_head.items():
+        if "backbone" not in group:  # the backbone half of a combined file is not "dropped"
+            dropped[f"head file: {group}"] = keys
+    kwargs = infer_config_kwargs(backbone)
+    head_kwargs = infer_head_config_kwargs(head, kwargs)
+    renamed, dropped_backbone = rename_keys(backbone, keep_mask_token)
+    dropped.update(dropped_backbone)
+    renamed = {f"openus.{k}": v for k, v in renamed.items()}
+    renamed.update(rename_head_keys(head))
+    labels = ["background", "foreground"] if head_kwargs["num_labels"] == 2 else [
+        f"LABEL_{i}" for i in range(head_kwargs["num_labels"])]
+    config = OpenUSConfig(**kwargs, **head_kwargs, drop_path_rate=_drop_path_for(kwargs),
+                          use_mask_token=keep_mask_token and "masked_embed" in backbone,
+                          id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    model = OpenUSForSemanticSegmentation(config)
+    _check_and_load(model, renamed)
+    report = {"config": {**kwargs, **head_kwargs}, "kept": len(renamed),
+              "dropped": {k: len(v) for k, v in dropped.items()},
+              "parameters": sum(p.numel() for p in model.parameters())}
+    return model.eval(), report
+
+
+def _check_and_load(model, renamed: dict) -> None:
+    """Strict key and shape check against ``model``, then load as float32."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(set(renamed) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"key mismatch after renaming: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for key, value in renamed.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ConversionError(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} "
+                                  "expected from the inferred architecture")
+    model.load_state_dict({k: v.float() for k, v in renamed.items()}, strict=True)
+
+
 def save_atomic(model, output_dir: str, overwrite: bool = False) -> None:
     """Write the folder under a temporary name beside ``output_dir``, then swap it in."""
     output_dir = os.path.abspath(output_dir)
@@ -284,6 +484,9 @@ def save_atomic(model, output_dir: str, overwrite: bool = False) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+SEG_HEAD_FROM_CHECKPOINT = "<checkpoint>"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="upstream .pth checkpoint or a .safetensors/.pth state dict")
@@ -292,6 +495,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="which network of a pretraining checkpoint (default: teacher, as upstream evaluates)")
     p.add_argument("--keep-mask-token", action="store_true", help="keep masked_embed (for continued pretraining)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    p.add_argument("--seg-head", nargs="?", const=SEG_HEAD_FROM_CHECKPOINT, default=None, metavar="HEAD",
+                   help="also convert an upstream segmentation head (eval_segmentation.py checkpoint, or a state dict "
+                        "with decoder.* keys) into one OpenUSForSemanticSegmentation folder; without HEAD, the head "
+                        "is read from --checkpoint")
     return p
 
 
@@ -299,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        model, report = convert(args.checkpoint, args.source, args.keep_mask_token)
+        if args.seg_head is not None:
+            head = None if args.seg_head == SEG_HEAD_FROM_CHECKPOINT else args.seg_head
+            model, report = convert_segmentation(args.checkpoint, head, args.source, args.keep_mask_token)
+        else:
+            model, report = convert(args.checkpoint, args.source, args.keep_mask_token)
         save_atomic(model, args.output_dir, args.overwrite)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -65,6 +65,34 @@ class OpenUSConfig(BackboneConfigMixin, PreTrainedConfig):
         out_features (`list[str]`, *optional*), out_indices (`list[int]`, *optional*):
             Stages returned by `OpenUSBackbone` (`"stem"`, `"stage1"`..`"stage4"`); defaults to all four stages.
 
+        Segmentation head (`OpenUSForSemanticSegmentation`, upstream's MambaDecoder, spec §3.2; unused by the other
+        models). The number of classes is the standard `num_labels` (default 2, as upstream).
+
+        decoder_embed_dim (`int`, *optional*):
+            Width of the decoder's finest level; level `i` has `decoder_embed_dim * 2**i` channels. The decoder adds
+            the backbone's stage maps to its own (no projections), so this must equal `embed_dim`, which is the
+            default.
+        decoder_depths (`list[int]`, *optional*, defaults to `[4, 4, 4, 4]`):
+            CVSS decoder blocks per level, indexed like the backbone stages (entry 0 = the stride-4 level). The last
+            level has no blocks (it is only patch-expanded), so, as upstream, its entry only shifts the drop-path
+            schedule over all `sum(decoder_depths)` positions.
+        decoder_d_state (`int`, *optional*, defaults to 4):
+            State size N of the decoder's selective scans.
+        decoder_ssm_ratio (`float`, *optional*, defaults to 2.0):
+            Inner width of the decoder's SS2D mixers as a multiple of the level width (dt rank is `ceil(width/16)`).
+        decoder_drop_path_rate (`float`, *optional*, defaults to 0.1):
+            Stochastic depth of the decoder blocks, `linspace(0, rate, sum(decoder_depths))`.
+        decoder_ca_compress (`int`, *optional*, defaults to 3):
+            Channel reduction of the convolutional attention block (CAB) inside each decoder block: `width // 3`.
+        decoder_ca_squeeze (`int`, *optional*, defaults to 30):
+            Squeeze factor of the channel attention inside the CAB: `width // 30` (at least 1).
+        loss_ignore_index (`int`, *optional*, defaults to 255):
+            Label value ignored by the segmentation loss (upstream `CrossEntropyLoss(ignore_index=255)`).
+        use_dice_loss (`bool`, *optional*, defaults to `False`):
+            Adds a soft Dice term to the segmentation loss. Off upstream (cross-entropy only).
+        dice_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of that Dice term.
+
     Example:
 
     ```python
@@ -100,6 +128,16 @@ class OpenUSConfig(BackboneConfigMixin, PreTrainedConfig):
         scan_implementation: str = "auto",
         out_features: list[str] | None = None,
         out_indices: list[int] | None = None,
+        decoder_embed_dim: int | None = None,
+        decoder_depths: list[int] | tuple[int, ...] = (4, 4, 4, 4),
+        decoder_d_state: int = 4,
+        decoder_ssm_ratio: float = 2.0,
+        decoder_drop_path_rate: float = 0.1,
+        decoder_ca_compress: int = 3,
+        decoder_ca_squeeze: int = 30,
+        loss_ignore_index: int = 255,
+        use_dice_loss: bool = False,
+        dice_loss_weight: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -128,6 +166,16 @@ class OpenUSConfig(BackboneConfigMixin, PreTrainedConfig):
         if out_features is None and out_indices is None:
             out_indices = list(range(1, self.num_stages + 1))
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        self.decoder_embed_dim = embed_dim if decoder_embed_dim is None else decoder_embed_dim
+        self.decoder_depths = list(decoder_depths)
+        self.decoder_d_state = decoder_d_state
+        self.decoder_ssm_ratio = float(decoder_ssm_ratio)
+        self.decoder_drop_path_rate = float(decoder_drop_path_rate)
+        self.decoder_ca_compress = decoder_ca_compress
+        self.decoder_ca_squeeze = decoder_ca_squeeze
+        self.loss_ignore_index = loss_ignore_index
+        self.use_dice_loss = use_dice_loss
+        self.dice_loss_weight = float(dice_loss_weight)
         self.validate()
 
     @property
@@ -138,6 +186,11 @@ class OpenUSConfig(BackboneConfigMixin, PreTrainedConfig):
     @property
     def mlp_sizes(self) -> list[int]:
         return [int(self.mlp_ratio * c) for c in self.hidden_sizes]
+
+    @property
+    def decoder_hidden_sizes(self) -> list[int]:
+        """Width of each decoder level (level `i` is added to backbone stage `i`): `decoder_embed_dim * 2**i`."""
+        return [self.decoder_embed_dim * 2**i for i in range(self.num_stages)]
 
     @property
     def output_stride(self) -> int:
@@ -168,6 +221,31 @@ class OpenUSConfig(BackboneConfigMixin, PreTrainedConfig):
             fail(f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
         if self.scan_implementation not in SCAN_IMPLEMENTATIONS:
             fail(f"scan_implementation must be one of {SCAN_IMPLEMENTATIONS}, got {self.scan_implementation!r}")
+        # segmentation head (spec §3.2)
+        if self.decoder_embed_dim != self.embed_dim:
+            fail(f"decoder_embed_dim ({self.decoder_embed_dim}) must equal embed_dim ({self.embed_dim}): the decoder "
+                 "adds the backbone's stage maps to its own without projections")
+        if len(self.decoder_depths) != self.num_stages or any(
+            not isinstance(d, int) or d < 0 for d in self.decoder_depths
+        ):
+            fail(f"decoder_depths must list one int >= 0 per backbone stage ({self.num_stages}), got "
+                 f"{self.decoder_depths}")
+        if self.num_stages < 2:
+            fail("the segmentation decoder needs at least 2 backbone stages")
+        if not isinstance(self.decoder_d_state, int) or self.decoder_d_state < 1:
+            fail(f"decoder_d_state must be a positive int, got {self.decoder_d_state}")
+        if self.decoder_ssm_ratio <= 0 or int(self.decoder_ssm_ratio * self.decoder_embed_dim) < 1:
+            fail(f"decoder_ssm_ratio must be > 0 and give an inner width >= 1, got {self.decoder_ssm_ratio}")
+        if not 0.0 <= self.decoder_drop_path_rate < 1.0:
+            fail(f"decoder_drop_path_rate must be in [0, 1), got {self.decoder_drop_path_rate}")
+        for name in ("decoder_ca_compress", "decoder_ca_squeeze"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                fail(f"{name} must be a positive int, got {value}")
+        if not isinstance(self.loss_ignore_index, int):
+            fail(f"loss_ignore_index must be an int, got {self.loss_ignore_index!r}")
+        if self.dice_loss_weight < 0:
+            fail(f"dice_loss_weight must be >= 0, got {self.dice_loss_weight}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> OpenUSConfig:

@@ -20,13 +20,14 @@ from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import (
     BackboneOutput,
-    BaseModelOutputWithPoolingAndNoAttention,
+    BaseModelOutputWithPooling,
     ImageClassifierOutputWithNoAttention,
+    SemanticSegmenterOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
-from openus_hub.ops.ss2d import cross_selective_scan
+from openus_hub.ops.ss2d import cross_selective_scan, ss2d_attention_map
 
 from .configuration_openus import OpenUSConfig
 
@@ -62,7 +63,7 @@ def _conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     instead, which is cheaper; both give the same result.
     """
     x = x.permute(0, 3, 1, 2)
-    if conv.weight.numel() > x.numel():
+    if not torch.compiler.is_compiling() and conv.weight.numel() > x.numel():
         x = x.contiguous()
     return conv(x).permute(0, 2, 3, 1)
 
@@ -155,13 +156,19 @@ class OpenUSMixer(nn.Module):
         init.copy_(self.A_log, torch.log(a))
         init.ones_(self.D)
 
+    @torch.no_grad()
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Implicit ("CwBw") attention of this block's four scans, summed in row-major order: (B, L, L). Spec §1.8."""
+        u = self.act(_conv_channels_last(self.conv2d, self.in_proj(x)))
+        return ss2d_attention_map(u, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.act(_conv_channels_last(self.conv2d, self.in_proj(x)))  # [B, H, W, D]
         y = cross_selective_scan(
             u, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D,
             implementation=self.config.scan_implementation,
         )  # [B, H, W, D] float32
-        y = self.out_norm(y).to(x.dtype)
+        y = self.out_norm(y.to(x.dtype))
         return self.out_proj(y)
 
 
@@ -217,8 +224,8 @@ class OpenUSStage(nn.Module):
         self.layers = nn.ModuleList(OpenUSLayer(config, stage, rate) for rate in drop_path_rates)
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        for layer in self.layers[layers]:
             if self.gradient_checkpointing and self.training:
                 x = self._gradient_checkpointing_func(layer.__call__, x)
             else:
@@ -231,21 +238,29 @@ class OpenUSEncoder(nn.Module):
 
     def __init__(self, config: OpenUSConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
         starts = [sum(config.depths[:i]) for i in range(config.num_stages)]
         self.stages = nn.ModuleList(
             OpenUSStage(config, i, rates[s : s + d]) for i, (s, d) in enumerate(zip(starts, config.depths))
         )
         self.downsamples = nn.ModuleList(OpenUSDownsample(config, i) for i in range(config.num_stages - 1))
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outputs = []
+    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Stage outputs (channel-last), and with `output_attentions` the implicit attention map of the last block."""
+        outputs, attention = [], None
+        last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            if output_attentions and i == last:
+                x = stage(x, slice(None, -1))
+                block = stage.layers[-1]
+                attention = block.mixer.attention_map(block.norm(x))
+                x = stage(x, slice(-1, None))
+            else:
+                x = stage(x)
             outputs.append(x)  # [B, H_i, W_i, C_i]
             if i < len(self.downsamples):
                 x = self.downsamples[i](x)
-        return outputs
+        return outputs, attention
 
 
 class OpenUSPreTrainedModel(PreTrainedModel):
@@ -337,35 +352,67 @@ class OpenUSModel(OpenUSPreTrainedModel):
                 f"(e.g. to {max(stride, round(h / stride) * stride)}x{max(stride, round(w / stride) * stride)})"
             )
 
-    def stage_features(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
-        """The four out-normed stage maps, channel-last ``(B, H_i, W_i, C_i)``."""
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None,
+        stages: list[int] | None,
+        output_attentions: bool = False,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         self._check_input(pixel_values)
         x = self.embeddings(pixel_values.to(self.embeddings.conv1.weight.dtype), bool_masked_pos)
-        return [norm(o) for norm, o in zip(self.stage_norms, self.encoder(x))]
+        outputs, attention = self.encoder(x, output_attentions)
+        stages = range(len(outputs)) if stages is None else stages
+        return [self.stage_norms[i](outputs[i]) for i in stages], attention
+
+    def stage_features(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        stages: list[int] | None = None,
+    ) -> list[torch.Tensor]:
+        """Out-normed stage maps, channel-last ``(B, H_i, W_i, C_i)``: all four, or those listed in ``stages``."""
+        return self._encode(pixel_values, bool_masked_pos, stages)[0]
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch, 3, height, width)`): sides must be multiples of 32.
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch, height / 32, width / 32)`, *optional*):
+                cells whose stage-0 features are replaced by the mask token (needs `config.use_mask_token`).
+            output_hidden_states (`bool`, *optional*): also return the four out-normed stage maps.
+            output_attentions (`bool`, *optional*): also return the implicit attention map of the last block,
+                `(batch, L, L)` over the last stage's `L` positions in row-major order: the four scan directions'
+                "CwBw" attention (spec §1.8), summed, *not* normalised. Upstream OpenUS min-max normalises it over the
+                whole batch before use (`openus_hub.ops.minmax_normalize`).
+        """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        maps = self.stage_features(pixel_values, bool_masked_pos)
+        last = self.config.num_stages - 1
+        maps, attention = self._encode(
+            pixel_values, bool_masked_pos, None if output_hidden_states else [last], bool(output_attentions)
+        )
         tokens = maps[-1].flatten(1, 2)  # [B, H*W, C] row-major
         pooled = tokens.mean(dim=1)  # [B, C]
         last_hidden_state = torch.cat([pooled[:, None], tokens], dim=1)  # [B, 1+H*W, C]
         hidden_states = tuple(m.permute(0, 3, 1, 2) for m in maps) if output_hidden_states else None
+        attentions = (attention,) if attention is not None else None
         if not return_dict:
-            return tuple(v for v in (last_hidden_state, pooled, hidden_states) if v is not None)
-        return BaseModelOutputWithPoolingAndNoAttention(
-            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=hidden_states
+            return tuple(v for v in (last_hidden_state, pooled, hidden_states, attentions) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=hidden_states,
+            attentions=attentions,
         )
 
 
@@ -431,5 +478,288 @@ class OpenUSBackbone(BackboneMixin, OpenUSPreTrainedModel):
             return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=None)
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Segmentation: upstream's MambaDecoder head (spec §3.2), channel-last throughout
 
-__all__ = ["OpenUSBackbone", "OpenUSForImageClassification", "OpenUSModel", "OpenUSPreTrainedModel"]
+
+class OpenUSPatchExpand(nn.Module):
+    """Linear C -> 2C, then each token becomes a 2x2 patch of C/2 channels, then LayerNorm: (B, H, W, C) ->
+    (B, 2H, 2W, C/2). The channel order of the expansion is upstream's `(p1 p2 c)`."""
+
+    def __init__(self, config: OpenUSConfig, dim: int):
+        super().__init__()
+        self.expand = nn.Linear(dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(dim // 2, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        x = self.expand(x)  # [B, H, W, 2C]
+        x = x.view(batch, height, width, 2, 2, -1)  # [B, H, W, p1, p2, C/2]
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, 2 * height, 2 * width, -1)  # [B, 2H, 2W, C/2]
+        return self.norm(x)
+
+
+class OpenUSUpsampleExpand(nn.Module):
+    """Linear C -> C/2, bilinear x2 (align_corners=False), LayerNorm: (B, H, W, C) -> (B, 2H, 2W, C/2)."""
+
+    def __init__(self, config: OpenUSConfig, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim // 2, bias=False)
+        self.norm = nn.LayerNorm(dim // 2, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x).permute(0, 3, 1, 2)  # [B, C/2, H, W]
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        return self.norm(x)  # [B, 2H, 2W, C/2]
+
+
+class OpenUSFinalUpsample(nn.Module):
+    """Upstream's FinalUpsample_X4: (Linear C -> C, bilinear x2) twice, then LayerNorm:
+    (B, H, W, C) -> (B, 4H, 4W, C)."""
+
+    def __init__(self, config: OpenUSConfig, dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, dim, bias=False)
+        self.linear2 = nn.Linear(dim, dim, bias=False)
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for linear in (self.linear1, self.linear2):
+            x = linear(x).permute(0, 3, 1, 2)  # [B, C, H, W]
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        return self.norm(x)  # [B, 4H, 4W, C]
+
+
+class OpenUSChannelAttention(nn.Module):
+    """x * sigmoid(fc(avgpool x) + fc(maxpool x)), fc = 1x1 conv C -> C/squeeze, SiLU, 1x1 conv back (no biases)."""
+
+    def __init__(self, dim: int, squeeze: int):
+        super().__init__()
+        hidden = max(1, dim // squeeze)  # upstream has no floor (dim < squeeze would build a 0-channel conv there)
+        self.fc1 = nn.Conv2d(dim, hidden, 1, bias=False)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
+        avg = x.mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+        peak = x.amax(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+        attn = self.fc2(self.act(self.fc1(avg))) + self.fc2(self.act(self.fc1(peak)))
+        return x * torch.sigmoid(attn)
+
+
+class OpenUSConvAttentionBlock(nn.Module):
+    """Upstream's CAB: 3x3 conv C -> C/compress, GELU, 3x3 conv back, channel attention. (B, C, H, W) in and out."""
+
+    def __init__(self, config: OpenUSConfig, dim: int):
+        super().__init__()
+        hidden = max(1, dim // config.decoder_ca_compress)
+        self.conv1 = nn.Conv2d(dim, hidden, 3, padding=1)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(hidden, dim, 3, padding=1)
+        self.attention = OpenUSChannelAttention(dim, config.decoder_ca_squeeze)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(self.conv2(self.act(self.conv1(x))))
+
+
+class OpenUSDecoderLayer(nn.Module):
+    """Upstream's CVSSDecoderBlock, channel-last:
+    ``x = scale1 * x + DropPath(SS2D(LN(x)))``, then ``x = CAB(LN(x)) + scale2 * x``.
+    Its SS2D has d_state 4 (``decoder_d_state``), GELU after a depth-wise conv *with* bias, and rank ceil(C/16)."""
+
+    def __init__(self, config: OpenUSConfig, dim: int, drop_path_rate: float):
+        super().__init__()
+        self.scale1 = nn.Parameter(torch.ones(dim))
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mixer = OpenUSMixer(
+            config, dim, int(config.decoder_ssm_ratio * dim), math.ceil(dim / 16), config.decoder_d_state,
+            d_conv=3, conv_bias=True, act="gelu",
+        )
+        self.drop_path = OpenUSDropPath(drop_path_rate)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.conv_attention = OpenUSConvAttentionBlock(config, dim)
+        self.scale2 = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        x = x * self.scale1 + self.drop_path(self.mixer(self.norm1(x)))
+        y = self.conv_attention(self.norm2(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, H, W, C]
+        return y + x * self.scale2
+
+
+class OpenUSDecoderStage(nn.Module):
+    """CVSS decoder blocks at one level, then (except at the finest level) an UpsampleExpand to the next one."""
+
+    def __init__(self, config: OpenUSConfig, level: int, drop_path_rates: list[float]):
+        super().__init__()
+        dim = config.decoder_hidden_sizes[level]
+        self.layers = nn.ModuleList(OpenUSDecoderLayer(config, dim, rate) for rate in drop_path_rates)
+        self.upsample = OpenUSUpsampleExpand(config, dim) if level > 0 else None
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        for layer in self.layers[layers]:
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(layer.__call__, x)
+            else:
+                x = layer(x)
+        return self.upsample(x) if self.upsample is not None else x
+
+
+class OpenUSMambaDecoder(nn.Module):
+    """Upstream's MambaDecoder (spec §3.2) for S backbone stages, channel-last:
+
+    * ``patch_expand`` (upstream ``layers_up.0``): the last stage map -> twice the resolution, half the width;
+    * ``stages[j]`` (upstream ``layers_up.{j+1}``) at level ``l = S-2-j``: add backbone stage ``l`` (after resizing
+      the running map to it, a no-op for inputs that are multiples of the output stride), ``decoder_depths[l]`` CVSS
+      blocks, then UpsampleExpand unless ``l = 0``;
+    * ``norm`` (``norm_up``) -> ``final_upsample`` (x4, ``up``) -> 1x1 ``classifier`` conv without bias (``output``).
+    """
+
+    def __init__(self, config: OpenUSConfig):
+        super().__init__()
+        sizes, depths = config.decoder_hidden_sizes, config.decoder_depths
+        rates = torch.linspace(0, config.decoder_drop_path_rate, sum(depths)).tolist()
+        self.patch_expand = OpenUSPatchExpand(config, sizes[-1])
+        levels = range(config.num_stages - 2, -1, -1)
+        self.stages = nn.ModuleList(
+            OpenUSDecoderStage(config, level, rates[sum(depths[:level]) : sum(depths[: level + 1])]) for level in levels
+        )
+        self.norm = nn.LayerNorm(sizes[0], eps=config.layer_norm_eps)
+        self.final_upsample = OpenUSFinalUpsample(config, sizes[0])
+        self.classifier = nn.Conv2d(sizes[0], config.num_labels, kernel_size=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """``features``: the S out-normed backbone stage maps, channel-last ``(B, H_i, W_i, C_i)``.
+        Returns logits ``(B, num_labels, 4 * H_0, 4 * W_0)``."""
+        y = self.patch_expand(features[-1])  # [B, 2H, 2W, C/2]
+        for j, stage in enumerate(self.stages):
+            skip = features[len(features) - 2 - j]  # [B, H_l, W_l, C_l]
+            if y.shape[1:3] != skip.shape[1:3]:
+                y = F.interpolate(y.permute(0, 3, 1, 2), size=skip.shape[1:3], mode="bilinear", align_corners=False)
+                y = y.permute(0, 2, 3, 1)
+            y = stage(y + skip)
+        y = self.final_upsample(self.norm(y))  # [B, 4H_0, 4W_0, C_0]
+        return self.classifier(y.permute(0, 3, 1, 2))  # [B, num_labels, 4H_0, 4W_0]
+
+
+def soft_dice_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, eps: float = 1e-6
+) -> torch.Tensor:
+    """1 - mean over classes of the batch-pooled soft Dice ``(2 sum p*g + eps) / (sum p + sum g + eps)``.
+
+    ``logits (B, K, H, W)``: softmax over K classes, or a sigmoid when K = 1 (foreground vs background).
+    ``labels (B, H, W)`` integer class indices; pixels equal to ``ignore_index`` are left out.
+    """
+    valid = labels != ignore_index  # [B, H, W]
+    target = torch.where(valid, labels, torch.zeros_like(labels))
+    if logits.shape[1] == 1:
+        probs = torch.sigmoid(logits.float())  # [B, 1, H, W]
+        onehot = target[:, None].to(probs.dtype)
+    else:
+        probs = logits.float().softmax(dim=1)  # [B, K, H, W]
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    mask = valid[:, None].to(probs.dtype)
+    probs, onehot = probs * mask, onehot * mask
+    inter = (probs * onehot).sum(dim=(0, 2, 3))  # [K]
+    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))  # [K]
+    return 1.0 - ((2.0 * inter + eps) / (denom + eps)).mean()
+
+
+class OpenUSForSemanticSegmentation(OpenUSPreTrainedModel):
+    """OpenUS backbone + upstream's MambaDecoder head (spec §3.2), as in OpenUS's ``eval_segmentation.py``.
+
+    ``logits`` are ``(B, num_labels, H, W)`` at the input resolution. With ``labels (B, H, W)`` the loss is
+    cross-entropy ignoring ``config.loss_ignore_index`` (255), as upstream (binary cross-entropy on the valid pixels
+    when ``num_labels == 1``), plus ``dice_loss_weight`` x soft Dice when ``config.use_dice_loss``. Labels of another
+    size than the logits are compared with the logits resized to them (bilinear), as transformers' SegFormer does.
+    """
+
+    _no_split_modules = ["OpenUSLayer", "OpenUSDownsample", "OpenUSDecoderLayer"]
+
+    def __init__(self, config: OpenUSConfig):
+        super().__init__(config)
+        if config.num_labels < 1:
+            raise ValueError(f"OpenUSForSemanticSegmentation needs num_labels >= 1, got {config.num_labels}")
+        self.num_labels = config.num_labels
+        self.openus = OpenUSModel(config)
+        self.decoder = OpenUSMambaDecoder(config)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Upstream's head init: PyTorch's default (kaiming-uniform) linears instead of the backbone's
+        trunc_normal(0.02), skip scales 1, the backbone rule otherwise (LayerNorm 1/0, default convs, Mamba "v0"
+        scans). Only head modules reach this method: transformers initialises the backbone, a `PreTrainedModel`
+        child, with its own `_init_weights`. Tensors loaded from a checkpoint are skipped by the `init` helpers."""
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))  # nn.Linear.reset_parameters
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight.shape[1])
+                init.uniform_(module.bias, -bound, bound)
+            return
+        super()._init_weights(module)
+        if isinstance(module, OpenUSDecoderLayer):
+            init.ones_(module.scale1)
+            init.ones_(module.scale2)
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Segmentation loss of ``logits (B, K, h, w)`` against ``labels (B, H, W)`` (see the class docstring)."""
+        if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"labels must be (batch, height, width) with batch {logits.shape[0]}, got "
+                             f"{tuple(labels.shape)}")
+        if labels.is_floating_point():
+            raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}")
+        labels = labels.long()
+        if logits.shape[-2:] != labels.shape[-2:]:
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        ignore = self.config.loss_ignore_index
+        valid = labels != ignore  # [B, H, W]
+        if not bool(valid.any()):  # every pixel ignored: a zero that still reaches every logit (no NaN)
+            return logits.sum() * 0.0
+        if self.num_labels == 1:
+            loss = F.binary_cross_entropy_with_logits(logits[:, 0][valid].float(), labels[valid].float())
+        else:
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore)
+        if self.config.use_dice_loss:
+            loss = loss + self.config.dice_loss_weight * soft_dice_loss(logits, labels, ignore)
+        return loss
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`):
+            Sides must be multiples of `config.output_stride` (32).
+        labels (`torch.LongTensor` of shape `(batch, height, width)`, *optional*):
+            Class index per pixel; `config.loss_ignore_index` (255) marks pixels left out of the loss.
+        output_hidden_states (`bool`, *optional*):
+            Also return the backbone's out-normed stage maps, channel-first `(batch, C_i, H_i, W_i)`.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        features = self.openus.stage_features(pixel_values)  # S x [B, H_i, W_i, C_i]
+        logits = self.decoder(features)  # [B, K, 4H_0, 4W_0]
+        if logits.shape[-2:] != pixel_values.shape[-2:]:  # upstream's resize to the input; a no-op for valid sizes
+            logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+        loss = self.compute_loss(logits, labels) if labels is not None else None
+        hidden_states = tuple(f.permute(0, 3, 1, 2) for f in features) if output_hidden_states else None
+        if not return_dict:
+            out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + out) if loss is not None else out
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=None)
+
+
+__all__ = [
+    "OpenUSBackbone",
+    "OpenUSForImageClassification",
+    "OpenUSForSemanticSegmentation",
+    "OpenUSModel",
+    "OpenUSPreTrainedModel",
+]
