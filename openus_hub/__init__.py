@@ -6,8 +6,17 @@ Importing the package registers every model with the transformers Auto classes, 
 
 import logging as _logging
 
-from .models import OpenUSBackbone, OpenUSConfig, OpenUSForImageClassification, OpenUSModel
+from .models import (
+    OpenUSBackbone,
+    OpenUSConfig,
+    OpenUSForImageClassification,
+    OpenUSForSemanticSegmentation,
+    OpenUSImageProcessor,
+    OpenUSImageProcessorPil,
+    OpenUSModel,
+)
 from .models.openus import OPENUS_PRESETS
+from .features import FeatureOutput, extract_features
 from .version import __version__
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
@@ -17,6 +26,11 @@ __all__ = [
     "OpenUSBackbone",
     "OpenUSConfig",
     "OpenUSForImageClassification",
+    "FeatureOutput",
+    "OpenUSForSemanticSegmentation",
+    "OpenUSImageProcessor",
+    "OpenUSImageProcessorPil",
     "OpenUSModel",
     "__version__",
+    "extract_features",
 ]

@@ -1,0 +1,200 @@
+"""Feature extraction with an OpenUS backbone: pooled embeddings and per-stage maps for images, DICOMs and cine loops.
+
+```python
+>>> from openus_hub import extract_features
+>>> out = extract_features("path/to/openus-folder", ["scan.png", "loop.dcm"], batch_size=8)
+>>> out.pooled.shape         # (N, C): one row per image / selected cine frame
+>>> out.items[3].frame_index # where each row came from
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import DicomImage, is_dicom_file, load_image_file, read_dicom, select_frames
+from .io.dicom import dicom_dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InputItem:
+    """One image fed to the model: the decoded image and where it came from."""
+
+    image: Any  # PIL image, array or single-frame DicomImage, as the image processor accepts it
+    source: str  # file path, or "<input i>" for in-memory inputs
+    frame_index: int  # frame of a cine loop; 0 for still images
+    shape: tuple[int, ...]  # (H, W, C) of the decoded image before cropping and resizing
+    crop_box: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) applied to DICOM frames
+
+
+@dataclass
+class FeatureOutput:
+    """Result of :func:`extract_features`, rows aligned with ``items``."""
+
+    pooled: torch.Tensor  # [N, C] pooler_output (mean of the last-stage tokens)
+    stage_maps: list[torch.Tensor] | None  # 4 x [N, C_i, H_i, W_i], out-normed stage outputs
+    items: list[InputItem] = field(default_factory=list)
+
+
+def _shape_of(image: Any) -> tuple[int, ...]:
+    if hasattr(image, "size") and hasattr(image, "mode"):  # PIL
+        w, h = image.size
+        return (h, w, len(image.getbands()))
+    return tuple(int(s) for s in np.shape(image))
+
+
+def expand_input(
+    item: Any, index: int = 0, *, frame_stride: int = 1, num_frames: int | None = None, dicom_crop: str = "auto"
+) -> list[InputItem]:
+    """Turn one input (path, PIL image, array, pydicom Dataset, DicomImage) into the images it stands for.
+
+    A DICOM file or dataset gives one item per selected frame (``frame_stride`` / ``num_frames``), cropped with
+    ``dicom_crop``; every other input gives one item. Errors from reading propagate (see :mod:`openus_hub.io`).
+    """
+    from pydicom.dataset import Dataset
+
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"input file not found: {path}")
+        if is_dicom_file(path):
+            item = dicom_dataset(path)
+        else:
+            image = load_image_file(path)
+            return [InputItem(image, str(path), 0, _shape_of(image))]
+    if isinstance(item, Dataset):
+        source = str(getattr(item, "filename", None) or f"<input {index}>")
+        n = int(item.get("NumberOfFrames", 1) or 1)
+        item = read_dicom(item, frames=select_frames(n, frame_stride, num_frames), crop=dicom_crop)
+        item_source = source
+    elif isinstance(item, DicomImage):
+        keep = select_frames(len(item), frame_stride, num_frames)
+        item = DicomImage(item.frames[keep], [item.frame_indices[i] for i in keep], item.metadata)
+        item_source = f"<input {index}>"
+    else:
+        return [InputItem(item, f"<input {index}>", 0, _shape_of(item))]
+    meta = item.metadata
+    shape = (meta.rows, meta.columns, int(item.frames.shape[-1]))
+    return [
+        InputItem(
+            DicomImage(item.frames[i : i + 1], [f], meta), item_source, int(f), shape, meta.crop_box
+        )
+        for i, f in enumerate(item.frame_indices)
+    ]
+
+
+def _resolve_model(model: Any, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(str(model), **({"dtype": dtype} if dtype is not None else {}))
+    base = getattr(model, "base_model", model)  # heads (classification, segmentation) share the OpenUS backbone
+    return base
+
+
+def _resolve_processor(model: torch.nn.Module, processor: Any) -> Any:
+    if processor is not None:
+        return processor
+    from .models.openus.image_processing_openus import OpenUSImageProcessor
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if name and Path(name, "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(name)
+    logger.info("no preprocessor_config.json next to the model: using OpenUSImageProcessor defaults (upstream)")
+    return OpenUSImageProcessor()
+
+
+def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.inference_mode()
+def embed_items(
+    model: torch.nn.Module,
+    processor: Any,
+    items: Sequence[InputItem],
+    *,
+    batch_size: int = 8,
+    return_stage_maps: bool = True,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Run already-expanded items through processor + model in batches on the model's device; CPU float32 out."""
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    pooled, maps = [], [[] for _ in range(4)] if return_stage_maps else None
+    for batch in batched(list(items), batch_size):
+        # cropping and frame selection already happened in expand_input
+        pixel_values = processor([it.image for it in batch], return_tensors="pt", dicom_crop="none")["pixel_values"]
+        out = model(pixel_values=pixel_values.to(device=device, dtype=dtype), output_hidden_states=return_stage_maps)
+        pooled.append(out.pooler_output.float().cpu())
+        if maps is not None:
+            for i, m in enumerate(out.hidden_states[-4:]):
+                maps[i].append(m.float().cpu())
+    if not pooled:
+        raise ValueError("no inputs to embed")
+    return torch.cat(pooled), ([torch.cat(m) for m in maps] if maps is not None else None)
+
+
+def extract_features(
+    model: torch.nn.Module | str | os.PathLike,
+    inputs: Any,
+    processor: Any | None = None,
+    *,
+    batch_size: int = 8,
+    return_stage_maps: bool = True,
+    frame_stride: int = 1,
+    num_frames: int | None = None,
+    dicom_crop: str | None = None,
+) -> FeatureOutput:
+    """Pooled embeddings and per-stage feature maps of images, DICOM files and cine loops.
+
+    Args:
+        model: an ``OpenUSModel`` (or any OpenUS head model: its backbone is used), or a folder / hub id to load with
+            ``AutoModel``. Inputs go to the model's device and dtype; outputs come back as float32 on CPU.
+        inputs: one input or a list: PIL images, numpy arrays / tensors (HxW, HxWxC, CxHxW), image or DICOM file
+            paths, pydicom Datasets, or :class:`~openus_hub.io.DicomImage`. A cine loop contributes one row per
+            selected frame.
+        processor: the image processor; default: the model folder's ``preprocessor_config.json`` if there is one,
+            else ``OpenUSImageProcessor()`` (upstream preprocessing).
+        batch_size: images per forward pass.
+        return_stage_maps: also return the four stage maps ``(N, C_i, H_i, W_i)`` (memory: stage 1 is 56x56 per image
+            at 224).
+        frame_stride / num_frames: cine frame sampling (see :func:`openus_hub.io.select_frames`).
+        dicom_crop: ``"auto"`` / ``"regions"`` / ``"heuristic"`` / ``"none"``; default: the processor's ``dicom_crop``.
+
+    Returns:
+        :class:`FeatureOutput` with ``pooled`` (N, C), ``stage_maps`` and ``items`` (source, frame index, shape,
+        crop box per row).
+    """
+    base = _resolve_model(model)
+    processor = _resolve_processor(base, processor)
+    crop = dicom_crop if dicom_crop is not None else getattr(processor, "dicom_crop", "auto")
+    if not isinstance(inputs, (list, tuple)):
+        inputs = [inputs]
+    items: list[InputItem] = []
+    for i, inp in enumerate(inputs):
+        items.extend(expand_input(inp, i, frame_stride=frame_stride, num_frames=num_frames, dicom_crop=crop))
+    was_training = base.training
+    base.eval()
+    try:
+        pooled, maps = embed_items(base, processor, items, batch_size=batch_size, return_stage_maps=return_stage_maps)
+    finally:
+        base.train(was_training)
+    return FeatureOutput(pooled=pooled, stage_maps=maps, items=items)
+
+
+__all__ = ["FeatureOutput", "InputItem", "embed_items", "expand_input", "extract_features"]
