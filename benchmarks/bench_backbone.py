@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,20 +67,38 @@ def time_models(names, batch, size, rounds, warmup, device, dtype) -> dict[str, 
 
 
 def peak_memory_mb(name: str, batch: int, size: int, device: str, dtype: str) -> float:
-    """Peak extra memory of one forward, in a fresh process: max RSS (CPU) or max allocated (CUDA), minus the model."""
+    """Peak extra memory of one forward, in a fresh process.
+
+    CUDA: max allocated minus the model. CPU: the peak resident set during the forward minus the resident set before
+    it (Linux: the high-water mark is reset through /proc/self/clear_refs first); -1 where that is unavailable.
+    """
     code = (
-        "import resource, torch, sys; sys.path.insert(0, %r);"
-        "from benchmarks.bench_backbone import build;"
+        "import torch, sys; sys.path.insert(0, %r);"
+        "from benchmarks.bench_backbone import build, _rss_kb;"
         "d = torch.device(%r); dt = getattr(torch, %r);"
         "m = build(%r).to(device=d, dtype=dt).eval(); x = torch.randn(%d, 3, %d, %d, device=d, dtype=dt);"
-        "base = torch.cuda.memory_allocated() if d.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024;"
-        "torch.cuda.reset_peak_memory_stats() if d.type == 'cuda' else None;"
+        "cuda = d.type == 'cuda';"
+        "torch.cuda.reset_peak_memory_stats() if cuda else None;"
+        "base = torch.cuda.memory_allocated() if cuda else _rss_kb(reset=True)[0] * 1024;"
         "torch.inference_mode()(m)(x);"
-        "peak = torch.cuda.max_memory_allocated() if d.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024;"
-        "print((peak - base) / 2**20)"
+        "peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb()[1] * 1024;"
+        "print((peak - base) / 2**20 if base >= 0 else -1)"
     ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), device, dtype, name, batch, size, size)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_kb(reset: bool = False) -> tuple[int, int]:
+    """(current, peak) resident set size in KiB from /proc/self/status; reset=True first resets the peak."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return -1, -1
 
 
 def main(argv: list[str] | None = None) -> int:
