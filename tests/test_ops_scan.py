@@ -147,12 +147,14 @@ def test_cuda_paths_match_cpu_reference(dtype, tol):
     """
     inputs = _scan_inputs(2, 8, 6, 48, 3, 1)
     y_ref = cross_selective_scan(*inputs, implementation="reference")
+    grads_ref = torch.autograd.grad(y_ref.sum(), inputs)
     cuda_inputs = [t.detach().cuda().to(dtype).requires_grad_() for t in inputs]
     y = cross_selective_scan(*cuda_inputs, implementation="auto")
     err = (y.float().cpu() - y_ref.detach()).abs().max() / y_ref.abs().max()
     assert err <= tol
-    y.float().sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in cuda_inputs)
+    grads = torch.autograd.grad(y.float().sum(), cuda_inputs)
+    for g_ref, g in zip(grads_ref, grads):
+        assert (g.float().cpu() - g_ref).abs().max() / g_ref.abs().max().clamp(min=1.0) <= 10 * tol
 
 
 def test_reference_scan_is_stable_for_long_sequences():
