@@ -1,0 +1,148 @@
+"""End-to-end pretraining runs on real echo frames (pydicom.examples.ybr_color written as PNGs).
+
+* one process, in-process ``main``: finite losses, log/figure/checkpoint files, weights_only checkpoints, pruning,
+  non-finite loss handling;
+* ``torchrun --nproc_per_node=2`` (gloo): killed after a checkpoint, resumed with ``--resume auto``, ends with the
+  same parameters, optimiser state and centers as an uninterrupted run; then exported and loaded with AutoModel.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import pretrain
+from training.data.datasets import build_manifest
+from training.utils.checkpoint import list_checkpoints, load
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "training" / "configs" / "debug_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    import pydicom
+    from PIL import Image
+    from pydicom.pixels import pixel_array
+
+    folder = tmp_path_factory.mktemp("echo")
+    (folder / "frames").mkdir()
+    ds = pydicom.dcmread(pydicom.examples.get_path("ybr_color"))
+    for i in range(8):  # the first 8 frames of the SonoSite echo cine, RGB uint8 240x320
+        Image.fromarray(pixel_array(ds, index=i)).save(folder / "frames" / f"frame_{i:02d}.png")
+    path = folder / "manifest.txt"
+    assert build_manifest([folder / "frames"], path) == 8
+    return path
+
+
+def test_single_process_run(tmp_path, manifest):
+    out = tmp_path / "run"
+    rc = pretrain.main(["--config", CONFIG, "--output-dir", str(out), f"data.manifest={manifest}",
+                        "train.max_steps=4", "log.figure_every_steps=2"])
+    assert rc == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for r in records:
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("cls", "patch", "global_rec", "loss"))
+    assert records[0]["lr"] == 0.0 and records[0]["alpha"] == pytest.approx(0.1)
+    assert (out / "config.yaml").is_file() and sorted(p.name for p in (out / "figures").iterdir())
+    steps = [s for s, _ in list_checkpoints(out / "checkpoints")]
+    assert steps == [2, 4]  # keep_last 2
+    state = load(out / "checkpoints" / "checkpoint_00000004.pth")  # weights_only=True
+    assert state["step"] == 4 and state["world_size"] == 1 and state["data_manifest"]["samples"] == 8
+    assert bool(state["per_rank"][0]["ema_initialized"]) and state["per_rank"][0]["prev_importance"].shape == (4, 4)
+    assert torch.equal(state["teacher"]["head.last_layer.weight_v"], state["teacher"]["head.last_layer2.weight_v"])
+
+
+def test_non_finite_loss_stops_with_step_terms_and_checkpoint(tmp_path, manifest, caplog):
+    out = tmp_path / "nan"
+    with caplog.at_level("ERROR", logger="training.pretrain"):
+        rc = pretrain.main(["--config", CONFIG, "--output-dir", str(out), f"data.manifest={manifest}",
+                            "checkpoint.every_steps=1", "train.lr=1e30", "train.warmup_epochs=0", "train.clip_grad=0"])
+    assert rc == 3
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "non-finite loss at step" in msg and "'cls'" in msg and "checkpoint_0000000" in msg, msg
+
+
+def _torchrun(out: Path, manifest: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+            "training.pretrain", "--config", CONFIG, "--output-dir", str(out), *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+def test_torchrun_interrupt_resume_equals_uninterrupted_then_export(tmp_path, manifest):
+    overrides = [f"data.manifest={manifest}", "train.epochs=15", "train.max_steps=null", "checkpoint.every_steps=2",
+                 "log.figure_every_steps=null"]  # 8 frames / 2 ranks / batch 2 = 2 steps per epoch: 30 steps
+    ref, run = tmp_path / "reference", tmp_path / "interrupted"
+    done = subprocess.run(_torchrun(ref, manifest, *overrides), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(_torchrun(run, manifest, *overrides), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not list_checkpoints(run / "checkpoints") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun group: launcher and both ranks
+    proc.wait(timeout=30)
+    saved = [s for s, _ in list_checkpoints(run / "checkpoints")]
+    assert saved and max(saved) < 30, f"the run was not interrupted mid-way (checkpoints {saved})"
+
+    resumed = subprocess.run(_torchrun(run, manifest, *overrides, "--resume", "auto"), cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+
+    a = load(ref / "checkpoints" / "checkpoint_00000030.pth")
+    b = load(run / "checkpoints" / "checkpoint_00000030.pth")
+    for net in ("student", "teacher"):
+        assert a[net].keys() == b[net].keys()
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
+    for k in a["ibot_loss"]:
+        assert torch.equal(a["ibot_loss"][k], b["ibot_loss"][k])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for ra, rb in zip(a["per_rank"], b["per_rank"]):  # each rank's own EMA map and feedback signal
+        assert torch.equal(ra["ema_loss_map"], rb["ema_loss_map"]) and torch.equal(ra["prev_importance"], rb["prev_importance"])
+    assert not torch.equal(a["per_rank"][0]["ema_loss_map"], a["per_rank"][1]["ema_loss_map"])
+    assert not torch.equal(a["student"]["backbone.embeddings.conv1.weight"],
+                           load(ref / "checkpoints" / "checkpoint_00000028.pth")["student"]["backbone.embeddings.conv1.weight"])
+
+    export = subprocess.run([sys.executable, "-m", "training.export_pretrained",
+                             str(run / "checkpoints" / "checkpoint_00000030.pth"), "--output-dir", str(tmp_path / "hf")],
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert export.returncode == 0, export.stderr[-3000:]
+    import openus_hub  # noqa: F401  registers the Auto classes
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(tmp_path / "hf")
+    assert type(model).__name__ == "OpenUSModel" and not model.config.use_mask_token
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, b["teacher"]["backbone." + k]), k
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "Not for clinical diagnosis" in card and '"samples": 8' in card and "batch_size_per_gpu: 2" in card
+    with torch.no_grad():
+        feats = model(**processor(torch.zeros(3, 64, 64, dtype=torch.uint8), return_tensors="pt"))
+    assert torch.isfinite(feats.last_hidden_state).all()
+
+
+def test_quickstart_produces_its_files(tmp_path, caplog):
+    from training import quickstart
+
+    with caplog.at_level("WARNING", logger="training.quickstart"):
+        assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4"]) == 0
+    assert "NOT a useful pretrained model" in caplog.text
+    assert (tmp_path / "exported" / "model.safetensors").is_file() and (tmp_path / "frame_similarity.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "run" / "figures").iterdir())

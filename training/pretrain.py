@@ -1,0 +1,416 @@
+"""OpenUS pretraining: self-adaptive masked contrastive learning (spec §2), single process or torchrun + DDP.
+
+    python -m training.pretrain --config training/configs/debug_cpu.yaml --output-dir runs/debug [key=value ...]
+    torchrun --nproc_per_node=4 -m training.pretrain --config training/configs/openus_small_paper.yaml \
+        --output-dir runs/paper data.manifest=/data/us308k/manifest.txt
+    ... --resume auto   # continue from the latest checkpoint in OUTPUT_DIR/checkpoints
+
+``--output-dir`` receives ``config.yaml`` (resolved), ``log.jsonl`` (per-term losses), ``checkpoints/``, ``figures/``
+and, with ``log.tensorboard=true``, TensorBoard events. Exit status 0 on success, 3 on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openus_hub import OpenUSConfig, OpenUSModel
+
+from .data.augmentations import MultiCropAugmentation
+from .data.datasets import PretrainDataset, ResumableDistributedSampler, manifest_summary
+from .data.masking import adaptive_mask, mask_scores, mask_schedules
+from .losses.ibot_loss import IBOTLoss
+from .ssl_meta_arch import (
+    OpenUSPretrainNetwork,
+    build_teacher,
+    cancel_last_layer_gradients,
+    clip_gradients,
+    ema_update,
+    networks_from_upstream,
+    param_groups,
+)
+from .utils import checkpoint as ckpt_utils
+from .utils import distributed as du
+from .utils.pretrain_config import dump_config, load_config
+from .utils.schedulers import cosine_scheduler
+
+logger = logging.getLogger("training.pretrain")
+FORMAT = "openus_hub.pretrain/1"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file (training/configs/*.yaml); unset keys keep the defaults")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in OUTPUT_DIR/checkpoints) or a path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# building
+
+
+def build_networks(cfg: dict) -> tuple[OpenUSPretrainNetwork, OpenUSPretrainNetwork, dict, dict | None]:
+    """(student, teacher, head_kwargs, upstream iBOT centers or None)."""
+    init_from = cfg["model"]["init_from"]
+    head_cfg = dict(cfg["head"])
+    norm_last_layer = head_cfg.pop("norm_last_layer")
+    if init_from and os.path.isfile(init_from):  # upstream pretraining checkpoint: continue it
+        from conversion.convert_openus_to_hf import load_checkpoint
+
+        ckpt = load_checkpoint(init_from)
+        drop = OpenUSConfig.from_preset(cfg["model"]["preset"]).drop_path_rate if cfg["model"]["preset"] else 0.3
+        student, teacher, head_kwargs = networks_from_upstream(
+            ckpt, drop_path_rate=cfg["model"]["overrides"].get("drop_path_rate", drop))
+        return student, teacher, head_kwargs, ckpt.get("ibot_loss")
+    if init_from:  # a saved openus_hub folder: its backbone starts both networks, the heads start fresh
+        backbone = OpenUSModel.from_pretrained(init_from)
+        config = copy.deepcopy(backbone.config)
+        for k, v in cfg["model"]["overrides"].items():
+            setattr(config, k, v)
+        config.use_mask_token = True
+    else:
+        preset = cfg["model"]["preset"]
+        config = OpenUSConfig.from_preset(preset, **cfg["model"]["overrides"]) if preset else OpenUSConfig(**cfg["model"]["overrides"])
+        config.use_mask_token = True
+        backbone = None
+    head_kwargs = {**head_cfg, "norm_last_layer": norm_last_layer}
+    student = OpenUSPretrainNetwork(config, head_kwargs)
+    if backbone is not None:
+        missing, unexpected = student.backbone.load_state_dict(backbone.state_dict(), strict=False)
+        if unexpected or [k for k in missing if k != "embeddings.mask_token"]:
+            raise ValueError(f"{init_from}: backbone does not fit ({missing[:5]}, {unexpected[:5]})")
+    teacher = build_teacher(student, head_kwargs)
+    return student, teacher, head_kwargs, None
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+
+def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks, prev_importance, epoch: int,
+                 epochs: int, mcfg: dict, gen: torch.Generator | None):
+    """Steps 2-8 of spec §2.4: teacher targets and attention, the self-adaptive mask, the student on masked global
+    and local crops, iBOT + reconstruction losses. Returns (total loss, loss terms, global masks, normalised teacher
+    attention, the new feedback signal (B, L) for the next step's mask)."""
+    n_local = 0 if locals_ is None else 1
+    alpha, m_t = mask_schedules(epoch, epochs, mcfg["alpha_init"], mcfg["alpha_final"], mcfg["alpha_schedule"],
+                                mcfg["adaptive_weighting"])
+    t_cls, t_patch, attention = teacher.teacher_forward(globals_)
+    grid = g_masks_ds.shape[-2:]
+    if mcfg["student_feedback"]:
+        scores = mask_scores(attention, prev_importance, alpha)
+        g_masks = adaptive_mask(scores, grid, mcfg["masking_ratio"], m_t, gen)
+    elif mcfg["mask_model"] == "atten_guided":  # teacher-only guidance (spec §2.4.5)
+        g_masks = adaptive_mask(attention.mean(1), grid, mcfg["masking_ratio"], 0.001 + 0.899 * epoch / epochs, gen)
+    else:
+        g_masks = g_masks_ds
+    out = net(globals_, g_masks, locals_, l_masks)
+    new_prev = out["importance"].mean(1).detach() if mcfg["global_rec_loss"] else None
+    s_cls = torch.cat([out["global_cls"], out["local_cls"]]) if n_local else out["global_cls"]
+    patch_masks = g_masks if mcfg["mask_model"] == "atten_guided" else g_masks_ds
+    terms = ibot_loss(s_cls, out["global_patch"], t_cls, t_patch, patch_masks, epoch)
+    loss = terms["loss"]
+    if mcfg["global_rec_loss"]:
+        loss = loss + out["global_rec"]
+        terms["global_rec"] = out["global_rec"]
+    if n_local and mcfg["local_rec_loss"]:
+        loss = loss + out["local_rec"]
+        terms["local_rec"] = out["local_rec"]
+    return loss, terms, g_masks, attention, new_prev
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# figures
+
+
+@torch.no_grad()
+def write_figure(path: Path, crops: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor) -> None:
+    """One row per crop: image | teacher attention (column mean) | chosen mask | reconstruction (masked cells)."""
+    from PIL import Image
+
+    from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+
+    def rgb(x):
+        return (x.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).mul(255).byte().numpy()
+
+    def heat(v, size):
+        v = (v - v.min()) / (v.max() - v.min() + 1e-8)
+        img = Image.fromarray((v.cpu().numpy() * 255).astype(np.uint8), "L").resize((size, size), Image.NEAREST)
+        a = np.asarray(img, dtype=np.float32) / 255.0
+        return np.stack([a * 255, (1 - abs(a - 0.5) * 2) * 255, (1 - a) * 255], -1).astype(np.uint8)
+
+    n, size = min(4, crops.shape[0]), crops.shape[-1]
+    grid = mask.shape[-2:]
+    rows = []
+    for i in range(n):
+        m = mask[i].float()
+        m_px = m.repeat_interleave(size // grid[0], 0).repeat_interleave(size // grid[1], 1)[..., None].cpu().numpy()
+        img = rgb(crops[i])
+        masked_img = (img * (1 - 0.6 * m_px)).astype(np.uint8)
+        rec = (rgb(recon[i]) * m_px + img * (1 - m_px)).astype(np.uint8)
+        rows.append(np.concatenate([img, heat(attention[i].mean(0).view(grid), size), masked_img, rec], 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    rank, world, device = du.init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
+    try:
+        return train(cfg, args, rank, world, device)
+    except NonFiniteLossError as err:
+        logger.error("%s", err)
+        return 3
+    finally:
+        du.cleanup()
+
+
+def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
+    out_dir = Path(args.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    tcfg, dcfg, mcfg = cfg["train"], cfg["data"], cfg["masking"]
+    if tcfg["num_threads"]:
+        torch.set_num_threads(int(tcfg["num_threads"]))
+    if tcfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if dcfg["manifest"] is None:
+        raise SystemExit("data.manifest is not set (write one with python -m training.data.datasets FOLDER --output FILE)")
+
+    resume_path = None
+    if args.resume == "auto":
+        resume_path = ckpt_utils.latest_checkpoint(ckpt_dir)
+        if resume_path is None:
+            logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
+    elif args.resume:
+        resume_path = Path(args.resume)
+    state = ckpt_utils.load(resume_path) if resume_path else None
+    if state is not None:  # the run continues with the configuration it was started with
+        cfg = state["config"]
+        tcfg, dcfg, mcfg = cfg["train"], cfg["data"], cfg["masking"]
+
+    seed = int(tcfg["seed"])
+    torch.manual_seed(seed)  # identical initialisation on every rank (DDP also broadcasts it)
+    random.seed(seed)
+    np.random.seed(seed)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.yaml")
+
+    # data
+    transform = MultiCropAugmentation(dcfg["global_size"], dcfg["local_size"], dcfg["local_crops_number"],
+                                      dcfg["global_scale"], dcfg["local_scale"])
+    dataset = PretrainDataset(dcfg["manifest"], transform, seed=seed, pred_ratio=dcfg["pred_ratio"])
+    batch = int(dcfg["batch_size_per_gpu"])
+    sampler = ResumableDistributedSampler(len(dataset), rank, world, seed, batch)
+    niter = sampler.batches_per_epoch()
+    if niter == 0:
+        raise SystemExit(f"{len(dataset)} samples over {world} process(es) do not fill one batch of {batch}")
+    epochs = int(tcfg["epochs"])
+    total = epochs * niter
+    max_steps = min(total, int(tcfg["max_steps"])) if tcfg["max_steps"] else total
+
+    # networks, loss, optimiser, schedules
+    student, teacher, head_kwargs, upstream_centers = build_networks(cfg)
+    student.to(device)
+    teacher.to(device)
+    n_global, n_local = 2, int(dcfg["local_crops_number"])
+    lcfg = cfg["loss"]
+    ibot_loss = IBOTLoss(
+        head_kwargs["out_dim"], head_kwargs["patch_out_dim"], n_global, n_local,
+        lcfg["warmup_teacher_temp"], lcfg["teacher_temp"], lcfg["warmup_teacher_patch_temp"], lcfg["teacher_patch_temp"],
+        lcfg["warmup_teacher_temp_epochs"], epochs, lcfg["student_temp"], lcfg["center_momentum"],
+        lcfg["center_momentum2"], lcfg["lambda1"], lcfg["lambda2"],
+    ).to(device)
+    if upstream_centers is not None:
+        ibot_loss.load_state_dict(upstream_centers)
+    optimizer = torch.optim.AdamW(param_groups(student))
+    f = {k: float(tcfg[k]) for k in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum_teacher")}
+    lr_sched = cosine_scheduler(f["lr"], f["min_lr"], epochs, niter, warmup_epochs=int(tcfg["warmup_epochs"]))
+    wd_sched = cosine_scheduler(f["weight_decay"], f["weight_decay_end"], epochs, niter)
+    mom_sched = cosine_scheduler(f["momentum_teacher"], 1.0, epochs, niter)
+
+    step, prev_importance = 0, None
+    if state is not None:
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        ibot_loss.load_state_dict(state["ibot_loss"])
+        step = int(state["step"])
+        per_rank = state["per_rank"]
+        if len(per_rank) == world:  # the same world size: every rank gets its own EMA map, feedback and RNG back
+            mine = per_rank[rank]
+            student.recon_importance.ema_loss_map.copy_(mine["ema_loss_map"])
+            student.recon_importance.ema_initialized.fill_(bool(mine["ema_initialized"]))
+            prev_importance = mine["prev_importance"].to(device) if mine["prev_importance"] is not None else None
+            torch.set_rng_state(mine["rng_torch"])
+        else:
+            logger.warning("resuming with %d processes instead of %d: per-rank EMA maps restart", world, len(per_rank))
+        logger.info("resumed from %s at step %d", resume_path, step)
+
+    net = student
+    if du.is_dist():
+        # find_unused_parameters as upstream: the out-norms of stages 0-2 never reach the loss
+        net = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=True)
+    student.train()
+    teacher.train(bool(tcfg["teacher_train_mode"]))  # upstream: train mode (DropPath active); default here: eval
+
+    man_summary = manifest_summary(dcfg["manifest"]) if rank == 0 else None
+    git_sha = None
+    if rank == 0:
+        try:
+            git_sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                     cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+    def save_checkpoint(next_step: int) -> Path | None:
+        gathered = du.all_gather_object({
+            "ema_loss_map": student.recon_importance.ema_loss_map.detach().cpu(),
+            "ema_initialized": bool(student.recon_importance.ema_initialized),
+            "prev_importance": prev_importance.detach().cpu() if prev_importance is not None else None,
+            "rng_torch": torch.get_rng_state(),
+        })
+        path = None
+        if rank == 0:
+            path = ckpt_utils.checkpoint_path(ckpt_dir, next_step)
+            ckpt_utils.save_atomic({
+                "format": FORMAT, "step": next_step, "epoch": next_step // niter, "iters_per_epoch": niter,
+                "world_size": world, "student": student.state_dict(), "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(), "ibot_loss": ibot_loss.state_dict(), "per_rank": gathered,
+                "config": cfg, "model_config": student.config.to_dict(), "head_kwargs": head_kwargs,
+                "data_manifest": man_summary, "git_sha": git_sha,
+            }, path)
+            ckpt_utils.prune(ckpt_dir, cfg["checkpoint"]["keep_last"], cfg["checkpoint"]["keep_every_steps"])
+        du.barrier()
+        return path
+
+    tb = None
+    if rank == 0 and cfg["log"]["tensorboard"]:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            logger.warning("log.tensorboard=true but tensorboard is not installed; skipping")
+    log_file = open(out_dir / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    bar = None
+    if rank == 0 and cfg["log"]["progress_bar"]:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_steps, initial=step, desc="pretrain", dynamic_ncols=True)
+    last_good = ckpt_utils.latest_checkpoint(ckpt_dir) if rank == 0 else None
+
+    t0 = time.time()
+    while step < max_steps:
+        epoch, start = divmod(step, niter)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
+                                             num_workers=int(dcfg["num_workers"]), pin_memory=device.type == "cuda",
+                                             persistent_workers=False)
+        alpha, m_t = mask_schedules(epoch, epochs, mcfg["alpha_init"], mcfg["alpha_final"], mcfg["alpha_schedule"],
+                                    mcfg["adaptive_weighting"])
+        for crops, masks in loader:
+            torch.manual_seed(_step_seed(seed, step, rank))  # DropPath and the random mask part: resumable
+            gen = torch.Generator().manual_seed(_step_seed(seed + 1, step, rank))
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr_sched[step])
+            optimizer.param_groups[0]["weight_decay"] = float(wd_sched[step])
+
+            globals_ = torch.cat(crops[:n_global]).to(device, non_blocking=True)
+            locals_ = torch.cat(crops[n_global:]).to(device, non_blocking=True) if n_local else None
+            g_masks_ds = torch.cat(masks[:n_global]).to(device)
+            l_masks = torch.cat(masks[n_global:]).to(device) if n_local else None
+
+            loss, terms, g_masks, attention, prev_importance = forward_step(
+                net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks, prev_importance, epoch, epochs,
+                mcfg, gen)
+            values = {k: float(v.detach()) for k, v in terms.items() if k != "loss"}
+            values["loss"] = float(loss.detach())
+            if du.any_true(not math.isfinite(values["loss"]), device):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (epoch {epoch}) on rank {rank}: terms {values}; "
+                    f"last good checkpoint: {last_good or 'none saved yet'}")
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg["clip_grad"]:
+                clip_gradients(student, float(tcfg["clip_grad"]))
+            cancel_last_layer_gradients(student, epoch, int(tcfg["freeze_last_layer"]))
+            optimizer.step()
+            ema_update(student, teacher, float(mom_sched[step]))
+
+            if rank == 0:
+                record = {"step": step, "epoch": epoch, "lr": float(lr_sched[step]), "wd": float(wd_sched[step]),
+                          "momentum": float(mom_sched[step]), "alpha": alpha, "m_t": m_t, **values}
+                if step % int(cfg["log"]["every_steps"]) == 0 or step + 1 == max_steps:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    if tb is not None:
+                        for k, v in record.items():
+                            tb.add_scalar(f"train/{k}", v, step)
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+                    bar.update(1)
+                every_fig = cfg["log"]["figure_every_steps"]
+                if every_fig and (step % int(every_fig) == 0 or step + 1 == max_steps):
+                    with torch.random.fork_rng(devices=[]), torch.no_grad():
+                        student.eval()
+                        _, last_map, _ = student.encode(globals_, g_masks)
+                        recon = student.decoder(last_map)
+                        student.train()
+                    write_figure(out_dir / "figures" / f"step_{step:08d}.png", globals_, attention, g_masks, recon)
+            step += 1
+            ck = cfg["checkpoint"]
+            epoch_end = step % niter == 0 and ck["every_epoch"]
+            if (ck["every_steps"] and step % int(ck["every_steps"]) == 0) or epoch_end or step == max_steps:
+                path = save_checkpoint(step)
+                if rank == 0:
+                    last_good = path
+                    logger.info("step %d: checkpoint %s", step, path)
+            if step >= max_steps:
+                break
+    if bar is not None:
+        bar.close()
+    if log_file is not None:
+        log_file.close()
+    if tb is not None:
+        tb.close()
+    if rank == 0:
+        logger.info("done: %d steps in %.1f s; export with python -m training.export_pretrained %s --output-dir DIR",
+                    step, time.time() - t0, last_good)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
