@@ -1,6 +1,6 @@
 """Quickstart: the whole pretraining pipeline on a CPU in about a minute, on real echo frames shipped with pydicom.
 
-    python -m training.quickstart --output-dir quickstart_out [--steps 6]
+    python -m training.quickstart --output-dir quickstart_out [--steps 6] [--overwrite]
 
 Writes frames (PNG) + a manifest, runs a few pretraining steps of a TINY randomly initialised OpenUS model
 (training/configs/debug_cpu.yaml), exports the teacher backbone, reloads it with ``AutoModel.from_pretrained``, embeds
@@ -26,7 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="quickstart_out")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output-dir")
     args = p.parse_args(argv)
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"error: --output-dir {out} is not empty; pass --overwrite to replace it or choose another folder",
+              file=sys.stderr)
+        return 2
+    if out.exists() and args.overwrite:
+        import shutil
+
+        shutil.rmtree(out)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("training.quickstart")
     log.warning(BANNER)
@@ -43,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     from .export_pretrained import export
     from .utils.checkpoint import latest_checkpoint
 
-    out = Path(args.output_dir)
     frames_dir = out / "frames"
     frames_dir.mkdir(parents=True, exist_ok=True)
     ds = pydicom.dcmread(pydicom.examples.get_path("ybr_color"))  # SonoSite echo cine, 30 frames

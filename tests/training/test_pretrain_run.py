@@ -146,3 +146,7 @@ def test_quickstart_produces_its_files(tmp_path, caplog):
     assert "NOT a useful pretrained model" in caplog.text
     assert (tmp_path / "exported" / "model.safetensors").is_file() and (tmp_path / "frame_similarity.png").is_file()
     assert sorted(p.name for p in (tmp_path / "run" / "figures").iterdir())
+    # a second run refuses to replace the first one's files unless told to
+    before = (tmp_path / "exported" / "model.safetensors").read_bytes()
+    assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4"]) == 2
+    assert (tmp_path / "exported" / "model.safetensors").read_bytes() == before
