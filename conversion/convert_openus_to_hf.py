@@ -21,7 +21,11 @@ depths, d_state, SS2D ratio, attention reductions and number of labels are infer
 
 Usage:
     python conversion/convert_openus_to_hf.py --checkpoint PATH --output-dir DIR [--source teacher|student]
-        [--keep-mask-token] [--overwrite] [--seg-head [HEAD]]
+        [--keep-mask-token] [--overwrite] [--seg-head [HEAD]] [--card-name NAME] [--no-card]
+
+Unless ``--no-card``, the saved folder is reloaded and compared with the converted tensors run through the reference
+scan (fixed-seed random input), and README.md is written from model_cards/ with the source sha256, the upstream
+commit and the measured max abs difference.
 """
 
 from __future__ import annotations
@@ -459,8 +463,9 @@ def _check_and_load(model, renamed: dict) -> None:
     model.load_state_dict({k: v.float() for k, v in renamed.items()}, strict=True)
 
 
-def save_atomic(model, output_dir: str, overwrite: bool = False) -> None:
-    """Write the folder under a temporary name beside ``output_dir``, then swap it in."""
+def save_atomic(model, output_dir: str, overwrite: bool = False, finalize=None) -> None:
+    """Write the folder under a temporary name beside ``output_dir``, then swap it in. ``finalize(tmp_dir)``, when
+    given, runs after ``save_pretrained`` and before the swap (e.g. to check the saved files and write README.md)."""
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConversionError(f"--output-dir {output_dir} exists and is not a folder")
@@ -471,6 +476,8 @@ def save_atomic(model, output_dir: str, overwrite: bool = False) -> None:
     tmp = tempfile.mkdtemp(prefix=".openus-convert-", dir=parent)
     try:
         model.save_pretrained(tmp)
+        if finalize is not None:
+            finalize(tmp)
         if os.path.isdir(output_dir):
             old = tempfile.mkdtemp(prefix=".openus-old-", dir=parent)
             os.rmdir(old)
@@ -499,7 +506,107 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also convert an upstream segmentation head (eval_segmentation.py checkpoint, or a state dict "
                         "with decoder.* keys) into one OpenUSForSemanticSegmentation folder; without HEAD, the head "
                         "is read from --checkpoint")
+    p.add_argument("--card-name", default=None,
+                   help="model_cards/<NAME>.json to render README.md from (default: the preset the architecture "
+                        "matches, else openus-converted)")
+    p.add_argument("--no-card", action="store_true", help="do not run the self-check or write README.md")
     return p
+
+
+UPSTREAM_REPO, UPSTREAM_COMMIT = "XZheng0427/OpenUS", "6b9f6d2e71e7150b138001e1a24c36cab8e960ed"
+SELF_CHECK_TOL = 1e-4
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _output_tensors(out) -> dict:
+    flat = {}
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor):
+            flat[key] = value
+        elif isinstance(value, (tuple, list)):
+            flat.update({f"{key}[{i}]": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
+    return flat
+
+
+def self_check(model, folder: str, size: int = 64, seed: int = 0) -> list[dict]:
+    """Reload ``folder`` with the Auto class (default scan implementation) and compare it with the converted
+    in-memory model, i.e. the checkpoint's tensors, run through the pure-PyTorch reference scan, on a fixed-seed random
+    input. Returns one check row per output tensor group; raises ConversionError above SELF_CHECK_TOL."""
+    import transformers
+
+    from openus_hub import OpenUSForSemanticSegmentation
+
+    auto = (transformers.AutoModelForSemanticSegmentation if isinstance(model, OpenUSForSemanticSegmentation)
+            else transformers.AutoModel)
+    reloaded = auto.from_pretrained(folder).eval()
+    x = torch.randn(1, model.config.num_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    saved = model.config.scan_implementation
+    try:
+        model.config.scan_implementation = "reference"
+        with torch.no_grad():
+            ref = _output_tensors(model(x, output_hidden_states=True))
+    finally:
+        model.config.scan_implementation = saved
+    with torch.no_grad():
+        got = _output_tensors(reloaded(x, output_hidden_states=True))
+    rows = []
+    for key in ref:
+        diff = (got[key] - ref[key]).abs().max().item()
+        rows.append({"check": f"saved folder ({auto.__name__}, scan '{reloaded.config.scan_implementation}') vs "
+                              f"checkpoint tensors with the reference scan: `{key}`",
+                     "input": f"randn 1x{model.config.num_channels}x{size}x{size}, seed {seed}",
+                     "max_abs_diff": diff, "tolerance": SELF_CHECK_TOL})
+        if not diff <= SELF_CHECK_TOL:
+            raise ConversionError(f"self-check failed: {key} differs by {diff:.2e} (> {SELF_CHECK_TOL:.0e}) between "
+                                  "the saved folder and the converted weights")
+    return rows
+
+
+def _card_name(config_kwargs: dict) -> str:
+    from openus_hub.models.openus.configuration_openus import OPENUS_PRESETS
+
+    for name, preset in OPENUS_PRESETS.items():
+        if all(config_kwargs.get(k) == v for k, v in preset.items() if k != "drop_path_rate"):
+            return name
+    return "openus-converted"
+
+
+def _card_writer(model, args, report):
+    """``finalize`` for save_atomic: self-check the saved folder, then write README.md with the measured numbers."""
+    def finalize(folder: str) -> None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        try:
+            from model_card import CardError, write_card
+        finally:
+            sys.path.pop(0)
+        checks = self_check(model, folder)
+        report["self_check_max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
+        sources = [args.checkpoint] + ([args.seg_head] if args.seg_head not in (None, SEG_HEAD_FROM_CHECKPOINT) else [])
+        verification = {
+            "source_file": ", ".join(os.path.basename(p) for p in sources),
+            "source_sha256": ", ".join(_sha256(p) for p in sources),
+            "upstream": UPSTREAM_REPO, "upstream_commit": UPSTREAM_COMMIT,
+            "converter": "conversion/convert_openus_to_hf.py " + (f"--source {args.source}" if args.source else ""),
+            "weights_sha256": _sha256(os.path.join(folder, "model.safetensors")),
+            "checks": checks,
+            "notes": ["The self-check compares the saved folder with the converted tensors through an independent "
+                      "scan path; agreement with the upstream OpenUS code itself is tested against its recorded "
+                      "outputs in openus_hub's tests/test_convert_openus.py (within 1e-4)."],
+        }
+        try:
+            write_card(folder, args.card_name or _card_name(report["config"]), verification)
+        except CardError as err:
+            raise ConversionError(f"model card: {err}") from None
+    return finalize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -511,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             model, report = convert_segmentation(args.checkpoint, head, args.source, args.keep_mask_token)
         else:
             model, report = convert(args.checkpoint, args.source, args.keep_mask_token)
-        save_atomic(model, args.output_dir, args.overwrite)
+        finalize = None if args.no_card else _card_writer(model, args, report)
+        save_atomic(model, args.output_dir, args.overwrite, finalize=finalize)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -519,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     for group, count in sorted(report["dropped"].items()):
         logger.info("dropped %d tensor(s): %s", count, group)
     logger.info("kept %d tensors, %s parameters -> %s", report["kept"], f"{report['parameters']:,}", args.output_dir)
+    if "self_check_max_abs_diff" in report:
+        logger.info("self-check max abs difference %.2e; README.md written", report["self_check_max_abs_diff"])
     return 0
 
 

@@ -17,11 +17,29 @@ from .models import (
 )
 from .models.openus import OPENUS_PRESETS
 from .features import FeatureOutput, extract_features
+from .auto import (
+    AutoBackbone,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+    pipeline,
+)
+from .pretrained import list_models, list_pretrained, register_pretrained
 from .version import __version__
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
+    "AutoBackbone",
+    "AutoImageProcessor",
+    "AutoModel",
+    "AutoModelForImageClassification",
+    "AutoModelForSemanticSegmentation",
+    "list_models",
+    "list_pretrained",
+    "pipeline",
+    "register_pretrained",
     "OPENUS_PRESETS",
     "OpenUSBackbone",
     "OpenUSConfig",

@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--no-recursive", action="store_true", help="do not descend into subfolders")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     embed.set_defaults(func=_embed)
+    from .hub import add_push_subcommand
+
+    add_push_subcommand(sub)
     return parser
 
 

@@ -1,0 +1,280 @@
+"""Named checkpoints of openus_hub: one plain table, in the spirit of timm's ``pretrained_cfg`` and open_clip's
+``pretrained.py``.
+
+Each entry names a Hub repo and a pinned revision, the sha256 of its ``model.safetensors``, where the weights come
+from (upstream repo + commit, or our training config), the licence, task, input size and a status:
+
+* ``"published"``: weights are on the Hub at ``repo_id@revision``; ``openus_hub.AutoModel.from_pretrained(name)``
+  resolves them (local folder, then the HF cache, then the Hub) and checks the sha256.
+* ``"convert from upstream"``: the architecture exists upstream with trained weights that are not (yet) on the Hub;
+  loading the name raises :class:`UnpublishedModelError` with the conversion command.
+* ``"train yourself"``: no trained weights exist; the error names the training recipe.
+
+No OpenUS weights are published today (upstream OpenUS has not released them, XZheng0427/OpenUS issue #4), so every
+built-in entry is unpublished. Published entries are added by :func:`register_pretrained` or by a JSON file named in
+``OPENUS_HUB_REGISTRY`` (a list of entry objects, or ``{name: fields}``; it overrides built-ins of the same name):
+
+    [{"name": "openus-small", "repo_id": "my-lab/openus-small", "revision": "<40-hex commit>",
+      "sha256": "<sha256 of model.safetensors>", "status": "published"}]
+
+Missing fields are taken from the built-in entry of the same name. ``{org}`` in a repo id is replaced by
+``OPENUS_HUB_ORG`` (default ``openus-hub``) when it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DEFAULT_ORG",
+    "OpenUSHubError",
+    "PretrainedEntry",
+    "STATUSES",
+    "UnknownModelError",
+    "UnpublishedModelError",
+    "get_pretrained",
+    "hub_org",
+    "list_models",
+    "list_pretrained",
+    "register_pretrained",
+    "reset_registry",
+    "unregister_pretrained",
+]
+
+DEFAULT_ORG = "openus-hub"
+STATUSES = ("published", "convert from upstream", "train yourself")
+OPENUS_UPSTREAM = "XZheng0427/OpenUS"
+OPENUS_UPSTREAM_COMMIT = "6b9f6d2e71e7150b138001e1a24c36cab8e960ed"
+TRANSKD_UPSTREAM = "RuipingL/TransKD"
+TRANSKD_UPSTREAM_COMMIT = "39ab795d37d32bf2638acf9a384754cd25f7fd98"
+# names in these namespaces never fall through to transformers: a typo is an error, not a random Hub model
+RESERVED_PREFIXES = ("openus-", "openus_", "transkd-")
+
+
+class OpenUSHubError(Exception):
+    """Base class of the registry and resolution errors."""
+
+
+class UnknownModelError(OpenUSHubError, ValueError):
+    """A name in openus_hub's namespace (``openus-*``, ``transkd-*``) that the registry does not know."""
+
+
+class UnpublishedModelError(OpenUSHubError, LookupError):
+    """A registry name with no published weights; the message says how to produce them."""
+
+
+def hub_org() -> str:
+    """The Hub organisation of built-in entries: ``OPENUS_HUB_ORG``, default ``openus-hub``."""
+    return os.environ.get("OPENUS_HUB_ORG") or DEFAULT_ORG
+
+
+@dataclass(frozen=True)
+class PretrainedEntry:
+    """One named checkpoint. ``repo_id`` may contain ``{org}`` (see :func:`hub_org`)."""
+
+    name: str
+    repo_id: str
+    status: str
+    task: str  # a transformers pipeline tag
+    architecture: str  # the class a saved folder holds (config.json "architectures")
+    license: str  # Hub licence id (e.g. "cc-by-nc-4.0", "other")
+    source: str  # upstream repo + commit, or our training config
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    revision: str | None = None  # a pinned commit (40 hex) for published entries
+    sha256: str | None = None  # of model.safetensors at that revision
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    how_to_get: str = ""  # for unpublished entries: the command that produces the weights
+    card: str | None = None  # metadata file under model_cards/ (repo only, not shipped in the wheel)
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"{self.name}: status must be one of {STATUSES}, got {self.status!r}")
+        if self.status == "published":
+            if not self.revision:
+                raise ValueError(f"{self.name}: a published entry needs a pinned revision")
+            if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+                raise ValueError(f"{self.name}: sha256 must be 64 lowercase hex digits")
+
+    @property
+    def resolved_repo_id(self) -> str:
+        return self.repo_id.replace("{org}", hub_org())
+
+    @property
+    def published(self) -> bool:
+        return self.status == "published"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["repo_id"] = self.resolved_repo_id
+        return d
+
+    def unpublished_message(self) -> str:
+        head = f"'{self.name}' has no published weights (status: {self.status})"
+        if self.status == "convert from upstream":
+            what = f"Convert the upstream checkpoint ({self.source}) into a folder:\n    {self.how_to_get}"
+        else:
+            what = f"Train it yourself:\n    {self.how_to_get}"
+        return (
+            f"{head}. {what}\nthen load the folder: from_pretrained('<output folder>'), or publish it and register "
+            "it (openus_hub.register_pretrained(...) or a JSON file in OPENUS_HUB_REGISTRY) with status 'published', "
+            "a pinned revision and its sha256. openus_hub never substitutes other weights."
+        )
+
+
+_OPENUS_CONVERT = (
+    "python conversion/convert_openus_to_hf.py --checkpoint checkpoint0100.pth --output-dir {name}"
+    "   # upstream weights are not released yet (XZheng0427/OpenUS issue #4)"
+)
+_OPENUS_MEAN, _OPENUS_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _openus(name: str, status: str, description: str, how: str) -> PretrainedEntry:
+    return PretrainedEntry(
+        name=name, repo_id="{org}/" + name, status=status, task="image-feature-extraction",
+        architecture="OpenUSModel", license="cc-by-nc-4.0",
+        source=f"{OPENUS_UPSTREAM}@{OPENUS_UPSTREAM_COMMIT}" if status != "train yourself"
+        else f"openus_hub OpenUSConfig.from_preset('{name}'), pretrained with the OpenUS recipe",
+        input_size=(3, 224, 224), mean=_OPENUS_MEAN, std=_OPENUS_STD, how_to_get=how.format(name=name),
+        card=f"{name}.json", description=description,
+    )
+
+
+def _transkd(name: str, variant: str, description: str, architecture: str = "SegformerForSemanticSegmentation"
+             ) -> PretrainedEntry:
+    upstream_file = {"b2": "segformerb2_teacher_cityscapes.pth",
+                     "transkd-base": "segformerb0_TransKDBase_cityscapes.pth",
+                     "transkd-gl": "segformerb0_TransKD_GL_cityscapes.pth",
+                     "transkd-ea": "segformerb0_TransKD_EA_cityscapes.pth"}[variant]
+    return PretrainedEntry(
+        name=name, repo_id="{org}/" + name, status="convert from upstream", task="image-segmentation",
+        architecture=architecture, license="other", source=f"{TRANSKD_UPSTREAM}@{TRANSKD_UPSTREAM_COMMIT}",
+        input_size=(3, 512, 1024), mean=None, std=None,
+        how_to_get=(f"python conversion/convert_transkd_to_hf.py --checkpoint {upstream_file} --variant {variant} "
+                    f"--output-dir {name}   # weights: the TransKD README's Google Drive folder"),
+        card=f"{name}.json", description=description,
+    )
+
+
+def _builtin_entries() -> list[PretrainedEntry]:
+    return [
+        _openus("openus-tiny", "train yourself",
+                "OpenUS VMamba-T backbone (depths 2-2-8-2, width 96); no upstream weights exist",
+                "OpenUSModel(OpenUSConfig.from_preset('openus-tiny')), pretrain with the OpenUS recipe (upstream "
+                "main_openus.py), then convert: python conversion/convert_openus_to_hf.py --checkpoint "
+                "checkpoint.pth --output-dir openus-tiny"),
+        _openus("openus-small", "convert from upstream",
+                "OpenUS VMamba-S backbone (depths 2-2-15-2, width 96), the paper's model", _OPENUS_CONVERT),
+        _openus("openus-base", "convert from upstream",
+                "OpenUS VMamba-B backbone (depths 2-2-15-2, width 128)", _OPENUS_CONVERT),
+        _transkd("transkd-b2-teacher-cityscapes", "b2", "SegFormer-B2 teacher of TransKD, Cityscapes (20 classes)"),
+        _transkd("transkd-base-b0-cityscapes", "transkd-base", "SegFormer-B0 student distilled with TransKD-Base"),
+        _transkd("transkd-gl-b0-cityscapes", "transkd-gl", "SegFormer-B0 student distilled with TransKD-GL"),
+        _transkd("transkd-ea-b0-cityscapes", "transkd-ea", "SegFormer-B0 student distilled with TransKD-EA"),
+    ]
+
+
+_REGISTRY: dict[str, PretrainedEntry] | None = None
+
+
+def _coerce(fields: dict, base: PretrainedEntry | None) -> PretrainedEntry:
+    names = {f.name for f in dataclasses.fields(PretrainedEntry)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ValueError(f"registry entry {fields.get('name')!r}: unknown field(s) {unknown}; known: {sorted(names)}")
+    merged = dataclasses.asdict(base) if base is not None else {}
+    merged.update(fields)
+    for key in ("input_size", "mean", "std"):
+        if merged.get(key) is not None:
+            merged[key] = tuple(merged[key])
+    return PretrainedEntry(**merged)
+
+
+def _load_registry_file(path: str, registry: dict[str, PretrainedEntry]) -> None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise OpenUSHubError(f"OPENUS_HUB_REGISTRY={path}: cannot read it as JSON ({err})") from None
+    items = [{"name": k, **v} for k, v in data.items()] if isinstance(data, dict) else data
+    if not isinstance(items, list) or not all(isinstance(i, dict) and "name" in i for i in items):
+        raise OpenUSHubError(f"OPENUS_HUB_REGISTRY={path}: expected a list of entries with a 'name', "
+                             "or {name: {...}}")
+    for item in items:
+        registry[item["name"]] = _coerce(item, registry.get(item["name"]))
+
+
+def _registry() -> dict[str, PretrainedEntry]:
+    global _REGISTRY
+    if _REGISTRY is None:
+        registry = {e.name: e for e in _builtin_entries()}
+        path = os.environ.get("OPENUS_HUB_REGISTRY")
+        if path:
+            _load_registry_file(path, registry)
+        _REGISTRY = registry
+    return _REGISTRY
+
+
+def reset_registry() -> None:
+    """Forget added entries; the next access rebuilds the built-ins plus ``OPENUS_HUB_REGISTRY`` (re-read)."""
+    global _REGISTRY
+    _REGISTRY = None
+
+
+def register_pretrained(entry: PretrainedEntry | dict, overwrite: bool = False) -> PretrainedEntry | None:
+    """Add an entry (or fields dict; missing fields come from the entry of the same name). Returns the replaced
+    entry, if any. Replacing needs ``overwrite=True``."""
+    registry = _registry()
+    if isinstance(entry, dict):
+        entry = _coerce(entry, registry.get(entry.get("name")))
+    old = registry.get(entry.name)
+    if old is not None and not overwrite:
+        raise ValueError(f"'{entry.name}' is already registered; pass overwrite=True to replace it")
+    registry[entry.name] = entry
+    return old
+
+
+def unregister_pretrained(name: str) -> PretrainedEntry | None:
+    return _registry().pop(name, None)
+
+
+def is_reserved_name(name: str) -> bool:
+    return "/" not in name and name.lower().startswith(RESERVED_PREFIXES)
+
+
+def get_pretrained(name: str) -> PretrainedEntry:
+    """The entry for ``name``; :class:`UnknownModelError` (with close matches) when there is none."""
+    registry = _registry()
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownModelError(
+        f"unknown openus_hub model {name!r}.{hint} openus_hub.list_models() lists the {len(registry)} known names; "
+        "a local folder or a Hub id 'org/name' is passed to transformers unchanged."
+    )
+
+
+def list_models(pattern: str = "*", status: str | None = None, published_only: bool = False) -> list[str]:
+    """Sorted registry names matching a wildcard ``pattern`` (fnmatch, case-insensitive), e.g. ``"openus-*"``."""
+    names = []
+    for name, entry in _registry().items():
+        if not fnmatch.fnmatch(name.lower(), pattern.lower()):
+            continue
+        if (status is not None and entry.status != status) or (published_only and not entry.published):
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+def list_pretrained(pattern: str = "*") -> list[PretrainedEntry]:
+    """The entries behind :func:`list_models`, for tables and cards."""
+    return [_registry()[n] for n in list_models(pattern)]
