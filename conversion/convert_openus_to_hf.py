@@ -34,12 +34,15 @@ import argparse
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections import defaultdict
 
 import torch
+
+if __package__:  # imported as the `conversion` package
+    from ._common import ConversionError, save_atomic, sha256_file
+else:  # run as a script: this folder is on sys.path
+    from _common import ConversionError, save_atomic, sha256_file
 
 logger = logging.getLogger("convert_openus_to_hf")
 
@@ -107,10 +110,6 @@ HEAD_ORIGINAL_TO_CONVERTED_KEY_MAPPING = {
 # fmt: on
 
 SOURCE_PREFIXES = {"teacher": ("teacher", "backbone."), "student": ("student", "module.backbone.")}
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message names the problem and the fix."""
 
 
 def _torch_load_allowlisted(path: str) -> object:
@@ -284,16 +283,7 @@ def convert(checkpoint: str, source: str = "teacher", keep_mask_token: bool = Fa
     config = OpenUSConfig(**kwargs, drop_path_rate=_drop_path_for(kwargs),
                           use_mask_token=keep_mask_token and "masked_embed" in backbone)
     model = OpenUSModel(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(set(renamed) - set(expected))
-    if missing or unexpected:
-        raise ConversionError(f"key mismatch after renaming: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for key, value in renamed.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ConversionError(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} "
-                                  "expected from the inferred architecture")
-    model.load_state_dict({k: v.float() for k, v in renamed.items()}, strict=True)
+    _check_and_load(model, renamed)
     report = {"config": kwargs, "kept": len(renamed), "dropped": {k: len(v) for k, v in dropped.items()},
               "parameters": sum(p.numel() for p in model.parameters())}
     return model.eval(), report
@@ -463,34 +453,6 @@ def _check_and_load(model, renamed: dict) -> None:
     model.load_state_dict({k: v.float() for k, v in renamed.items()}, strict=True)
 
 
-def save_atomic(model, output_dir: str, overwrite: bool = False, finalize=None) -> None:
-    """Write the folder under a temporary name beside ``output_dir``, then swap it in. ``finalize(tmp_dir)``, when
-    given, runs after ``save_pretrained`` and before the swap (e.g. to check the saved files and write README.md)."""
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ConversionError(f"--output-dir {output_dir} exists and is not a folder")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ConversionError(f"--output-dir {output_dir} is not empty; pass --overwrite to replace its contents")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".openus-convert-", dir=parent)
-    try:
-        model.save_pretrained(tmp)
-        if finalize is not None:
-            finalize(tmp)
-        if os.path.isdir(output_dir):
-            old = tempfile.mkdtemp(prefix=".openus-old-", dir=parent)
-            os.rmdir(old)
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 SEG_HEAD_FROM_CHECKPOINT = "<checkpoint>"
 
 
@@ -515,16 +477,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 UPSTREAM_REPO, UPSTREAM_COMMIT = "XZheng0427/OpenUS", "6b9f6d2e71e7150b138001e1a24c36cab8e960ed"
 SELF_CHECK_TOL = 1e-4
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _output_tensors(out) -> dict:
@@ -593,10 +545,10 @@ def _card_writer(model, args, report):
         sources = [args.checkpoint] + ([args.seg_head] if args.seg_head not in (None, SEG_HEAD_FROM_CHECKPOINT) else [])
         verification = {
             "source_file": ", ".join(os.path.basename(p) for p in sources),
-            "source_sha256": ", ".join(_sha256(p) for p in sources),
+            "source_sha256": ", ".join(sha256_file(p) for p in sources),
             "upstream": UPSTREAM_REPO, "upstream_commit": UPSTREAM_COMMIT,
             "converter": "conversion/convert_openus_to_hf.py " + (f"--source {args.source}" if args.source else ""),
-            "weights_sha256": _sha256(os.path.join(folder, "model.safetensors")),
+            "weights_sha256": sha256_file(os.path.join(folder, "model.safetensors")),
             "checks": checks,
             "notes": ["The self-check compares the saved folder with the converted tensors through an independent "
                       "scan path; agreement with the upstream OpenUS code itself is tested against its recorded "

@@ -32,17 +32,19 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+
+if __package__:  # imported as the `conversion` package
+    from ._common import ConversionError, save_atomic, sha256_file
+else:  # run as a script: this folder is on sys.path
+    from _common import ConversionError, save_atomic, sha256_file
 
 logger = logging.getLogger("convert_transkd_to_hf")
 
@@ -108,10 +110,6 @@ ORIGINAL_TO_CONVERTED_KEY_MAPPING = {
 }
 KV_PATTERN = _B + r"attn\.kv\.(weight|bias)$"  # split by rows: [0:C] -> k_proj, [C:2C] -> v_proj
 # fmt: on
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message names the problem and the fix."""
 
 
 def load_checkpoint(path: str) -> tuple[dict, list[str]]:
@@ -336,59 +334,42 @@ def self_check(model, report: dict, folder: str | None = None, seed: int = 0) ->
     return rows
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save(model, report: dict, args) -> None:
     """Write model + processor (+ self-check and README.md) to a temporary folder, then swap it in."""
-    out = os.path.abspath(args.output_dir)
-    if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not args.overwrite)):
-        raise ConversionError(f"--output-dir {out} exists and is not empty; pass --overwrite to replace it")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".transkd-convert-", dir=parent)
-    try:
-        model.save_pretrained(tmp)
+
+    def finalize(tmp: str) -> None:
         build_image_processor().save_pretrained(tmp)
-        if not args.no_card:
-            checks = self_check(model, report, tmp)
-            report["checks"] = checks
-            card = args.card_name or CARD_NAMES[args.variant]
-            if card is None:
-                raise ConversionError("--variant b0 is a plain student with no named card; pass --card-name NAME "
-                                      "(a file in model_cards/) or --no-card")
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            try:
-                from model_card import CardError, write_card
-            finally:
-                sys.path.pop(0)
-            n_dropped = sum(len(v) for v in report["dropped"].values())
-            verification = {
-                "source_file": os.path.basename(args.checkpoint), "source_sha256": _sha256(args.checkpoint),
-                "upstream": UPSTREAM_REPO, "upstream_commit": UPSTREAM_COMMIT,
-                "converter": f"conversion/convert_transkd_to_hf.py --variant {args.variant}",
-                "weights_sha256": _sha256(os.path.join(tmp, "model.safetensors")), "checks": checks,
-                "notes": [f"Kept {report['original_keys']} student tensors ({report['converted_keys']} after splitting "
-                          f"`kv`), dropped {n_dropped} training-only tensors: "
-                          + (", ".join(f"{g}: {len(k)}" for g, k in report["dropped"].items()) or "none") + ".",
-                          "The stock class ignores `layer_norm_eps`; the first rows measure what that costs. Call "
-                          "`set_upstream_layernorm_eps(model)` from this converter to restore upstream numerics."],
-            }
-            try:
-                write_card(tmp, card, verification)
-            except CardError as err:
-                raise ConversionError(f"model card: {err}") from None
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if args.no_card:
+            return
+        checks = self_check(model, report, tmp)
+        report["checks"] = checks
+        card = args.card_name or CARD_NAMES[args.variant]
+        if card is None:
+            raise ConversionError("--variant b0 is a plain student with no named card; pass --card-name NAME "
+                                  "(a file in model_cards/) or --no-card")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        try:
+            from model_card import CardError, write_card
+        finally:
+            sys.path.pop(0)
+        n_dropped = sum(len(v) for v in report["dropped"].values())
+        verification = {
+            "source_file": os.path.basename(args.checkpoint), "source_sha256": sha256_file(args.checkpoint),
+            "upstream": UPSTREAM_REPO, "upstream_commit": UPSTREAM_COMMIT,
+            "converter": f"conversion/convert_transkd_to_hf.py --variant {args.variant}",
+            "weights_sha256": sha256_file(os.path.join(tmp, "model.safetensors")), "checks": checks,
+            "notes": [f"Kept {report['original_keys']} student tensors ({report['converted_keys']} after splitting "
+                      f"`kv`), dropped {n_dropped} training-only tensors: "
+                      + (", ".join(f"{g}: {len(k)}" for g, k in report["dropped"].items()) or "none") + ".",
+                      "The stock class ignores `layer_norm_eps`; the first rows measure what that costs. Call "
+                      "`set_upstream_layernorm_eps(model)` from this converter to restore upstream numerics."],
+        }
+        try:
+            write_card(tmp, card, verification)
+        except CardError as err:
+            raise ConversionError(f"model card: {err}") from None
+
+    save_atomic(model, args.output_dir, args.overwrite, finalize=finalize)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

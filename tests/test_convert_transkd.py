@@ -125,7 +125,7 @@ def test_kd_checkpoint_converts_to_the_student_only(fixtures, tmp_path, key, cap
     assert card.data.license == "other" and card.data.license_name == "no-upstream-licence"
     assert card.data.pipeline_tag == "image-segmentation" and card.data.library_name == "transformers"
     assert "dropped 89 training-only tensors" in card.text and conv.UPSTREAM_COMMIT in card.text
-    assert conv._sha256(str(fixtures["files"][key])) in card.text
+    assert conv.sha256_file(str(fixtures["files"][key])) in card.text
     assert card.data.eval_results[0].metric_value == 68.58
 
 
