@@ -218,6 +218,16 @@ class OpenUSDownsample(nn.Module):
         return self.norm(_conv_channels_last(self.conv, x))
 
 
+def _run_layers(owner: nn.Module, layers, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``layers`` in turn, through activation checkpointing when ``owner`` has it enabled and is training."""
+    for layer in layers:
+        if owner.gradient_checkpointing and owner.training:
+            x = owner._gradient_checkpointing_func(layer.__call__, x)
+        else:
+            x = layer(x)
+    return x
+
+
 class OpenUSStage(nn.Module):
     def __init__(self, config: OpenUSConfig, stage: int, drop_path_rates: list[float]):
         super().__init__()
@@ -225,12 +235,7 @@ class OpenUSStage(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
-        for layer in self.layers[layers]:
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(layer.__call__, x)
-            else:
-                x = layer(x)
-        return x
+        return _run_layers(self, self.layers[layers], x)
 
 
 class OpenUSEncoder(nn.Module):
@@ -597,11 +602,7 @@ class OpenUSDecoderStage(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
-        for layer in self.layers[layers]:
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(layer.__call__, x)
-            else:
-                x = layer(x)
+        x = _run_layers(self, self.layers[layers], x)
         return self.upsample(x) if self.upsample is not None else x
 
 
