@@ -1,0 +1,395 @@
+"""TransKD distillation: a transformers teacher (SegFormer or OpenUS) -> a stock SegFormer student.
+
+    python -m training.distill --config training/configs/distill/debug_cpu.yaml --output-dir runs/debug
+    torchrun --nproc_per_node=2 -m training.distill --config ... --output-dir ... train.max_steps=4
+
+Configs: `training/configs/distill/*.yaml`, then `key.sub=value` overrides from the command line (values parsed as
+YAML). The resolved config is written to `OUTPUT_DIR/config.yaml`. Checkpoints (`OUTPUT_DIR/checkpoints/last.pt`,
+`best.pt`) are written atomically and hold the student + KD modules, optimizer, schedule position, RNG states and the
+config; a run restarted with the same `--output-dir` resumes from `last.pt` (or `--resume PATH`).
+Spec: ../shared/specs/transkd.md §3-§5; README_distill.md documents the recipe flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, DistributedSampler
+
+from training.kd.checkpoint import (
+    all_reduce_sum,
+    atomic_torch_save,
+    barrier,
+    init_distributed,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from training.kd.data import (
+    ACDCDataset,
+    CityscapesDataset,
+    CoTransform,
+    CoTransformConfig,
+    DicomExampleFrames,
+    SegmentationFolderDataset,
+)
+from training.kd.distiller import TransKDDistiller
+from training.kd.features import TeacherFeatures, hierarchical_channels
+from training.kd.metrics import IoUAccumulator
+from training.kd.student import apply_upstream_numerics, build_student, segformer_config
+from training.losses import ERFNET_CITYSCAPES_WEIGHTS, TransKDLoss, WeightedCrossEntropyLoss
+
+logger = logging.getLogger("training.distill")
+
+DEFAULTS: dict = {
+    "name": "distill",
+    "teacher": {
+        "type": "segformer",  # segformer | openus
+        "pretrained": None,  # a save_pretrained folder (upstream .pth: convert with conversion/convert_transkd_to_hf.py)
+        "config": None,  # random-init teacher from this config (debug only)
+        "preset": None,  # MiT preset for a segformer `config`
+        "upstream_layer_norm_eps": False,  # eps 1e-6 on block/stage norms (a teacher converted from upstream)
+    },
+    "student": {
+        "preset": "b0",
+        "config": {},  # SegformerConfig overrides
+        "num_labels": 20,
+        "init": "upstream",  # upstream: SegFormer's own init (spec §1.2); transformers: HF's N(0, 0.02)
+        "upstream_layer_norm_eps": True,  # spec §9 #9
+        "dropout2d": True,  # spec §9 #10
+    },
+    "kd": {
+        "variant": "base",  # base (CSF+PEA) | gl | ea
+        "mid_channels": 64,
+        "gl_alpha_init": 1.0,  # upstream leaves alpha/beta uninitialised (spec §9 #11)
+        "gl_beta_init": 1.0,
+        "gl_add": False,
+        "hcl_weight": 1.0,
+        "embed_weights": [0.1, 0.1, 0.5, 1.0],
+    },
+    "loss": {
+        "class_weights": "erfnet",  # erfnet | null (all 1) | list
+        "void_class": 19,  # labels == ignore_index -> this class, weight 0 (spec §9 #1); null: plain ignore_index
+        "ignore_index": 255,
+    },
+    "data": {
+        "dataset": "cityscapes",  # cityscapes | acdc | folder | dicom_examples
+        "root": None,
+        "train_split": "train",
+        "val_split": "val",
+        "height": 512,
+        "width": None,
+        "label_scale": 0.25,
+        "hflip": True,
+        "max_shift": 2,
+        "reproduce_shift_quirks": True,  # spec §9 #4
+        "mean": None,
+        "std": None,
+        "mask_rule": "eq255",
+        "dicom_name": "ybr_color",
+        "train_frames": None,
+        "val_frames": None,
+        "num_workers": 2,
+    },
+    "optim": {
+        "lr": 6.0e-5,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.999],
+        "eps": 1.0e-8,
+        "decay_norm_and_bias": True,  # spec §9 #6: one group, everything decayed
+    },
+    "schedule": {
+        "max_decay_epochs": 1500,  # spec §9 #5: linear poly over 1500 epochs while training 1000
+        "power": 1.0,
+        "prestep": True,  # upstream's scheduler steps once in its constructor: epoch e trains at lr*(1-e/1500)
+    },
+    "train": {
+        "epochs": 1000,
+        "batch_size": 2,
+        "max_steps": None,
+        "drop_last": False,  # upstream keeps the odd last batch (SK fc1 path, §9 #12)
+        "eval_every_epochs": 1,
+        "val_batch_size": 1,
+        "checkpoint_every_steps": None,
+        "log_every_steps": 50,
+        "seed": 0,
+        "find_unused_parameters": True,  # SK's fc/fc1 alternate with the batch size
+    },
+}
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for key, value in (new or {}).items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        with open(path) as f:
+            _deep_update(cfg, yaml.safe_load(f) or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override must be key.sub=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except Exception:
+        return None
+
+
+def build_teacher(cfg: dict) -> torch.nn.Module:
+    t = cfg["teacher"]
+    if t["type"] == "segformer":
+        from transformers import SegformerForSemanticSegmentation
+
+        if t["pretrained"]:
+            model = SegformerForSemanticSegmentation.from_pretrained(t["pretrained"])
+        else:
+            model = SegformerForSemanticSegmentation(segformer_config(t.get("preset"), **(t["config"] or {})))
+        if t["upstream_layer_norm_eps"]:
+            apply_upstream_numerics(model, layer_norm_eps=True, dropout2d=False)
+    elif t["type"] == "openus":
+        from openus_hub import OpenUSConfig, OpenUSForSemanticSegmentation
+
+        if t["pretrained"]:
+            model = OpenUSForSemanticSegmentation.from_pretrained(t["pretrained"])
+        else:
+            model = OpenUSForSemanticSegmentation(OpenUSConfig(**(t["config"] or {})))
+    else:
+        raise ValueError(f"teacher.type must be segformer or openus, got {t['type']!r}")
+    if not t["pretrained"]:
+        logger.warning("teacher has random weights (teacher.pretrained is not set): only for smoke tests")
+    return model
+
+
+def build_student_from_cfg(cfg: dict):
+    s = cfg["student"]
+    config = segformer_config(s.get("preset"), num_labels=s["num_labels"], **(s.get("config") or {}))
+    return build_student(config, s["init"], s["upstream_layer_norm_eps"], s["dropout2d"])
+
+
+def build_loss(cfg: dict) -> TransKDLoss:
+    lc = cfg["loss"]
+    weights = lc["class_weights"]
+    if weights == "erfnet":
+        weights = list(ERFNET_CITYSCAPES_WEIGHTS)
+    ce = WeightedCrossEntropyLoss(weights, lc["void_class"], lc["ignore_index"])
+    return TransKDLoss(ce, cfg["kd"]["hcl_weight"], tuple(cfg["kd"]["embed_weights"]))
+
+
+def build_datasets(cfg: dict):
+    d = cfg["data"]
+    tc = CoTransformConfig(
+        height=d["height"], width=d["width"], label_scale=d["label_scale"], hflip=d["hflip"],
+        max_shift=d["max_shift"], reproduce_shift_quirks=d["reproduce_shift_quirks"],
+        ignore_index=cfg["loss"]["ignore_index"],
+        mean=tuple(d["mean"]) if d["mean"] else None, std=tuple(d["std"]) if d["std"] else None,
+    )
+    train_t, val_t, seed = CoTransform(tc, True), CoTransform(tc, False), cfg["train"]["seed"]
+    kind = d["dataset"]
+    if kind in ("cityscapes", "acdc"):
+        cls = CityscapesDataset if kind == "cityscapes" else ACDCDataset
+        return cls(d["root"], d["train_split"], train_t, seed), cls(d["root"], d["val_split"], val_t, seed)
+    if kind == "folder":
+        return (SegmentationFolderDataset(d["root"], d["train_split"], train_t, d["mask_rule"], seed),
+                SegmentationFolderDataset(d["root"], d["val_split"], val_t, d["mask_rule"], seed))
+    if kind == "dicom_examples":
+        tf, vf = d["train_frames"], d["val_frames"]
+        return (DicomExampleFrames(train_t, d["dicom_name"], tuple(tf) if tf else None, seed),
+                DicomExampleFrames(val_t, d["dicom_name"], tuple(vf) if vf else None, seed))
+    raise ValueError(f"unknown data.dataset {kind!r}")
+
+
+def epoch_lr(cfg: dict, epoch: int) -> float:
+    """Learning rate of 0-based `epoch` (upstream PolynomialLRDecay stepped per epoch, spec §5.2)."""
+    sc = cfg["schedule"]
+    e = min(epoch + (1 if sc["prestep"] else 0), sc["max_decay_epochs"])
+    return cfg["optim"]["lr"] * (1.0 - e / sc["max_decay_epochs"]) ** sc["power"]
+
+
+def build_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg["optim"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o["decay_norm_and_bias"]:
+        groups = [{"params": params, "weight_decay": o["weight_decay"]}]
+    else:
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": o["weight_decay"]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+
+
+@torch.no_grad()
+def evaluate(student, loader, num_labels: int, void_class: int | None, ignore_index: int, device) -> dict:
+    was = student.training
+    student.eval()
+    acc = IoUAccumulator(num_labels, void_class if void_class is not None else ignore_index, ignore_index)
+    for batch in loader:
+        logits = student(batch["pixel_values"].to(device)).logits
+        acc.update(logits.argmax(1), batch["labels"])
+    acc.load(all_reduce_sum(acc.state().to(device)).cpu())
+    student.train(was)
+    return {"miou": acc.miou(), "iou": [round(float(v), 6) for v in acc.iou()]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUTPUT_DIR/checkpoints/last.pt if present)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+
+    rank, world, device = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    out_dir = Path(args.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    tc = cfg["train"]
+    torch.manual_seed(tc["seed"])
+
+    teacher = TeacherFeatures(build_teacher(cfg)).to(device)
+    student = build_student_from_cfg(cfg)
+    k = cfg["kd"]
+    distiller = TransKDDistiller(
+        student, teacher.channels, k["variant"], mid_channels=k["mid_channels"], gl_add=k["gl_add"],
+        gl_alpha_init=k["gl_alpha_init"], gl_beta_init=k["gl_beta_init"],
+    ).to(device)
+    loss_fn = build_loss(cfg).to(device)
+    optimizer = build_optimizer(cfg, distiller)
+    train_set, val_set = build_datasets(cfg)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_miou": -1.0, "history": []}
+    resume = args.resume or (str(ckpt_dir / "last.pt") if (ckpt_dir / "last.pt").exists() else None)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        distiller.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
+                    state["batch_in_epoch"])
+
+    model = distiller
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=tc["find_unused_parameters"],
+        )
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tc["seed"],
+                                 drop_last=tc["drop_last"])
+    # own generator: creating a loader iterator must not draw from the global RNG, or a resumed run (which creates
+    # its first iterator at another point of the RNG stream) would see different dropout/drop-path masks
+    loader = DataLoader(train_set, batch_size=tc["batch_size"], sampler=sampler, drop_last=tc["drop_last"],
+                        num_workers=cfg["data"]["num_workers"], generator=torch.Generator().manual_seed(tc["seed"]))
+    val_sampler = DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
+    val_loader = DataLoader(val_set, batch_size=tc["val_batch_size"], sampler=val_sampler,
+                            num_workers=cfg["data"]["num_workers"], generator=torch.Generator().manual_seed(tc["seed"]))
+
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resolved = dict(cfg, git_sha=git_sha(), world_size=world)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def save(name: str) -> None:
+        gathered = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(gathered, rng_state())
+        else:
+            gathered = [rng_state()]
+        if rank == 0:
+            atomic_torch_save({
+                "model": distiller.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                "rng": gathered, "config": cfg, "student_config": student.config.to_dict(),
+                "teacher_config": teacher.teacher.config.to_dict(), "teacher_type": cfg["teacher"]["type"],
+                "teacher_channels": teacher.channels, "git_sha": git_sha(), "world_size": world,
+            }, str(ckpt_dir / name))
+        barrier()
+
+    max_steps = tc["max_steps"]
+    void = cfg["loss"]["void_class"]
+    num_labels = student.config.num_labels
+    model.train()
+    t0 = time.time()
+    while state["epoch"] < tc["epochs"] and (max_steps is None or state["step"] < max_steps):
+        epoch = state["epoch"]
+        lr = epoch_lr(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        finished_epoch = True
+        for i, batch in enumerate(loader):
+            if i < state["batch_in_epoch"]:  # resumed mid-epoch: these batches were already trained on
+                continue
+            pixels, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
+            t_feats, t_embeds = teacher(pixels)
+            out = model(pixels)
+            loss, parts = loss_fn(out.logits, labels, out.fused_features, t_feats, out.aligned_embeddings, t_embeds)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {state['step']}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["step"] += 1
+            state["batch_in_epoch"] = i + 1
+            record = {"step": state["step"], "epoch": epoch, "lr": lr, "loss": float(loss.detach()),
+                      **{k2: float(v) for k2, v in parts.items()}}
+            state["history"].append(record)
+            if rank == 0 and (state["step"] % tc["log_every_steps"] == 0 or state["step"] == 1):
+                logger.info("step %d epoch %d lr %.3g loss %.4f ce %.4f hcl %.4f pe %.4f (%.2fs/step)",
+                            state["step"], epoch, lr, record["loss"], record["ce"], record["hcl"], record["pe"],
+                            (time.time() - t0) / state["step"])
+            if tc["checkpoint_every_steps"] and state["step"] % tc["checkpoint_every_steps"] == 0:
+                save("last.pt")
+            if max_steps is not None and state["step"] >= max_steps:
+                finished_epoch = i + 1 == len(loader)
+                break
+        if finished_epoch:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            if tc["eval_every_epochs"] and state["epoch"] % tc["eval_every_epochs"] == 0:
+                metrics = evaluate(student, val_loader, num_labels, void, cfg["loss"]["ignore_index"], device)
+                state.setdefault("evals", []).append({"epoch": state["epoch"], "step": state["step"], **metrics})
+                logger.info("epoch %d val mIoU %.4f", state["epoch"], metrics["miou"])
+                if metrics["miou"] > state["best_miou"]:  # spec §9 #7: best epoch selected on val
+                    state["best_miou"] = metrics["miou"]
+                    save("best.pt")
+        save("last.pt")
+    if rank == 0:
+        summary = {"step": state["step"], "epoch": state["epoch"], "best_miou": state["best_miou"],
+                   "last_loss": state["history"][-1]["loss"] if state["history"] else None}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if torch.distributed.is_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()
+    return state
+
+
+if __name__ == "__main__":
+    main()
