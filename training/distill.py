@@ -26,15 +26,10 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
-from training.kd.checkpoint import (
-    all_reduce_sum,
-    atomic_torch_save,
-    barrier,
-    init_distributed,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
+from training.kd.checkpoint import all_reduce_sum, rng_state, set_rng_state
+from training.utils.checkpoint import load as load_checkpoint
+from training.utils.checkpoint import save_atomic as atomic_torch_save
+from training.utils.distributed import barrier, init_distributed
 from training.kd.data import (
     ACDCDataset,
     CityscapesDataset,

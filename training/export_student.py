@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-from training.kd.checkpoint import load_checkpoint
+from training.utils.checkpoint import load as load_checkpoint
 from training.kd.flops import count_flops, count_parameters
 
 logger = logging.getLogger("training.export_student")
