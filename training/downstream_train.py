@@ -1,0 +1,505 @@
+"""Shared engine of ``training.linear_probe`` and ``training.finetune_segmentation`` (spec §3.1, §3.2).
+
+Single process or torchrun + DDP (gloo on CPU, nccl on GPU). ``--output-dir`` receives ``config.yaml`` (resolved),
+``log.jsonl`` (train loss per logged step, validation metrics per epoch), ``checkpoints/checkpoint_{step:08d}.pth``
+(atomic, plain data, resumable with ``--resume auto``), ``eval_test.json`` (the best model on the test split),
+``export_card.json`` (what the card was rendered from) and ``model/``: the best model as a ``save_pretrained`` folder
+with ``preprocessor_config.json`` and a generated ``README.md`` card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from openus_hub import (OpenUSConfig, OpenUSForImageClassification, OpenUSForSemanticSegmentation,
+                        OpenUSImageProcessorPil, OpenUSModel)
+
+from .data.downstream import DownstreamDataset, build_samples, subsample
+from .evaluate import (finish_classification, finish_segmentation, markdown_table, run_classification,
+                       run_segmentation, summarize)
+from .utils import checkpoint as ckpt_utils
+from .utils import distributed as du
+from .utils.pretrain_config import _merge, dump_config
+
+logger = logging.getLogger("training.downstream")
+FORMAT = "openus_hub.downstream/1"
+
+COMMON_DEFAULTS: dict = {
+    "task": None,
+    "model": {
+        "init_from": None,  # a saved openus_hub folder, or an upstream pretraining checkpoint (teacher backbone)
+        "source": "teacher",  # which network of an upstream checkpoint
+        "preset": "openus-small",  # used without init_from (random backbone: tests, debugging)
+        "overrides": {},  # config fields, e.g. {embed_dim: 8, decoder_depths: [1, 1, 1, 1]}
+    },
+    "data": {
+        "dataset": None, "root": None, "fold": 0, "split_seed": 42, "image_size": 224, "label_rule": "eq255",
+        "label_fraction": 1.0, "label_seed": 0, "batch_size_per_gpu": 16, "eval_batch_size": 16, "num_workers": 4,
+    },
+    "train": {
+        "mode": "frozen",  # frozen = upstream protocol; full = fine-tune the backbone too
+        "epochs": 100, "max_steps": None, "optimizer": "adam", "lr": 1e-3, "scale_lr": False, "momentum": 0.9,
+        "weight_decay": 0.0, "backbone_lr_mult": 1.0, "seed": 42, "num_threads": None,
+        "avgpool": 2, "select": "either",
+    },
+    "checkpoint": {"every_steps": None, "keep_last": 2},
+    "export": {"enabled": True, "name": None},
+    "log": {"every_steps": 10},
+}
+TASK_DEFAULTS = {
+    # §3.1: SGD momentum 0.9, wd 0, lr x batch/16, cosine over 150 epochs, best by accuracy (>=)
+    "classification": {"task": "classification", "data": {"dataset": "busi"},
+                       "train": {"epochs": 150, "optimizer": "sgd", "lr": 1e-3, "scale_lr": True,
+                                 "select": "accuracy"}},
+    # §3.2: Adam 1e-3, wd 0, cosine over 100 epochs, CE ignore 255; best when Dice or IoU improves
+    "segmentation": {"task": "segmentation", "data": {"dataset": "busbra"},
+                     "train": {"epochs": 100, "optimizer": "adam", "lr": 1e-3, "scale_lr": False, "select": "either"}},
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def load_downstream_config(task: str, path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """defaults <- task defaults <- YAML <- ``key=value`` overrides (values parsed as YAML)."""
+    cfg = _merge(copy.deepcopy(COMMON_DEFAULTS), copy.deepcopy(TASK_DEFAULTS[task]))
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            _merge(cfg, yaml.safe_load(f) or {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        parts = key.strip().split(".")
+        if parts[0] == "model" and len(parts) > 2 and parts[1] == "overrides":
+            cfg["model"]["overrides"][".".join(parts[2:])] = yaml.safe_load(raw)
+            continue
+        nested: dict = {}
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+        _merge(cfg, nested)
+    if cfg["task"] != task:
+        raise ValueError(f"config is for task {cfg['task']!r}, this script trains {task!r}")
+    if cfg["train"]["mode"] not in ("frozen", "full"):
+        raise ValueError(f"train.mode must be frozen or full, got {cfg['train']['mode']!r}")
+    if cfg["train"]["avgpool"] not in (0, 1, 2):
+        raise ValueError("train.avgpool must be 0, 1 or 2 (spec §3.1)")
+    return cfg
+
+
+def get_args_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file (training/configs/downstream/*.yaml); unset keys keep the defaults")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in OUTPUT_DIR/checkpoints) or a path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model
+
+
+def build_model(cfg: dict, num_labels: int, classes: list[str] | None) -> nn.Module:
+    """The task model: backbone from ``model.init_from`` (or a random preset), a fresh head."""
+    task, mcfg = cfg["task"], cfg["model"]
+    state = None
+    if mcfg["init_from"]:
+        src = Path(mcfg["init_from"])
+        if src.is_dir():
+            backbone = OpenUSModel.from_pretrained(src)
+        else:
+            from conversion.convert_openus_to_hf import convert
+
+            backbone, _ = convert(str(src), source=mcfg["source"])
+        config = copy.deepcopy(backbone.config)
+        for k, v in mcfg["overrides"].items():
+            setattr(config, k, v)
+        state = {k: v for k, v in backbone.state_dict().items() if k != "embeddings.mask_token"}
+        config.use_mask_token = False
+    elif mcfg["preset"]:
+        config = OpenUSConfig.from_preset(mcfg["preset"], **mcfg["overrides"])
+    else:
+        config = OpenUSConfig(**mcfg["overrides"])
+    config.num_labels = num_labels
+    names = classes or (["background", "foreground"] if num_labels == 2 else [str(i) for i in range(num_labels)])
+    config.id2label = dict(enumerate(names))
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    model = (OpenUSForSemanticSegmentation if task == "segmentation" else OpenUSForImageClassification)(config)
+    if state is not None:
+        model.openus.load_state_dict(state, strict=True)
+    if task == "classification":  # upstream linear head: N(0, 0.01), bias 0
+        nn.init.normal_(model.classifier.weight, std=0.01)
+        nn.init.zeros_(model.classifier.bias)
+    return model
+
+
+class DownstreamNet(nn.Module):
+    """The task model run the upstream way: a frozen backbone stays in eval and runs without autograd; the linear
+    probe sees ``feature_scale`` x the pooled feature (``avgpool=2`` -> 2 x GAP, spec §3.1)."""
+
+    def __init__(self, model: nn.Module, task: str, frozen: bool, feature_scale: float = 1.0):
+        super().__init__()
+        self.model, self.task, self.frozen, self.feature_scale = model, task, frozen, feature_scale
+        if frozen:
+            self.model.openus.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.model.openus.eval()
+        return self
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.task == "classification":
+                feats = m.openus(pixel_values, return_dict=True).pooler_output  # [B, C]
+            else:
+                feats = m.openus.stage_features(pixel_values)  # 4 x [B, H_i, W_i, C_i]
+        if self.task == "classification":
+            return m.classifier(feats * self.feature_scale)
+        logits = m.decoder(feats)
+        if logits.shape[-2:] != pixel_values.shape[-2:]:
+            logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(pixel_values)
+        if self.task == "classification":
+            return F.cross_entropy(logits, labels), logits
+        return self.model.compute_loss(logits, labels), logits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def build_data(cfg: dict) -> tuple[DownstreamDataset, dict[str, DownstreamDataset], list[str] | None]:
+    d, task = cfg["data"], cfg["task"]
+    if not d["root"]:
+        raise ValueError("data.root is not set")
+    train, classes = build_samples(d["dataset"], d["root"], "train", d["fold"], d["split_seed"])
+    train = subsample(train, d["label_fraction"], d["label_seed"])
+    evals = {}
+    for split in ("val", "test"):
+        samples, _ = build_samples(d["dataset"], d["root"], split, d["fold"], d["split_seed"])
+        evals[split] = DownstreamDataset(samples, task, d["image_size"], train=False, label_rule=d["label_rule"])
+    train_ds = DownstreamDataset(train, task, d["image_size"], train=True, label_rule=d["label_rule"],
+                                 seed=cfg["train"]["seed"])
+    return train_ds, evals, classes
+
+
+def epoch_indices(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This rank's shuffled share of one epoch (padded by repetition so every rank runs the same number of steps)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    idx = torch.randperm(n, generator=g).tolist()
+    total = math.ceil(n / world) * world
+    idx += idx[: total - n]
+    return idx[rank:total:world]
+
+
+def evaluate_split(net: DownstreamNet, ds: DownstreamDataset, cfg: dict, rank: int, world: int) -> dict:
+    """Metrics of ``net`` on a dataset, sharded over ranks (index % world) and gathered; every rank gets them."""
+    net.eval()
+    idx = list(range(rank, len(ds), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=cfg["data"]["eval_batch_size"],
+                                         shuffle=False, num_workers=cfg["data"]["num_workers"])
+    run = run_segmentation if cfg["task"] == "segmentation" else run_classification
+    states = du.all_gather_object(run(net.logits, loader))
+    finish = finish_segmentation if cfg["task"] == "segmentation" else finish_classification
+    return finish(states)
+
+
+def _improved(cfg: dict, metrics: dict, best: dict) -> bool:
+    select = cfg["train"]["select"]
+    if select == "accuracy":
+        return best.get("accuracy") is None or metrics["accuracy"] >= best["accuracy"]  # upstream: >=
+    d_up = best.get("dice") is None or metrics["dice"] > best["dice"]
+    j_up = best.get("iou") is None or metrics["iou"] > best["iou"]
+    return {"either": d_up or j_up, "dice": d_up, "iou": j_up}[select]
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# export
+
+
+def card_metadata(cfg: dict, task: str, test: dict, name: str, num_params: int) -> dict:
+    from conversion.model_card import load_metadata
+
+    base = load_metadata("openus-converted")
+    d, t = cfg["data"], cfg["train"]
+    dataset = d["dataset"]
+    seg = task == "segmentation"
+    summary = summarize([test], task)
+    head = ("upstream MambaDecoder head (PatchExpand, CVSS decoder blocks, FinalUpsample x4, 1x1 conv)" if seg
+            else f"linear classifier on the pooled last-stage feature (avgpool {t['avgpool']}, folded into the "
+                  "weights)")
+    recipe = (f"{'frozen backbone (upstream protocol)' if t['mode'] == 'frozen' else 'full fine-tuning'}, "
+              f"{t['optimizer']} lr {t['lr']}{' x batch/16' if t['scale_lr'] else ''}, cosine over {t['epochs']} "
+              f"epochs, batch {d['batch_size_per_gpu']} per process, {d['image_size']} px, label rule "
+              f"`{d['label_rule']}`, {100 * d['label_fraction']:g}% of the training labels, seed {t['seed']}")
+    meta = dict(base)
+    meta.update(
+        name=name, title=f"OpenUS {'segmentation' if seg else 'classifier'} fine-tuned on {dataset} ({name})",
+        summary=(f"An OpenUS VMamba backbone with a {head}, trained with openus_hub's "
+                 f"`training.{'finetune_segmentation' if seg else 'linear_probe'}` on {dataset}."),
+        pipeline_tag="image-segmentation" if seg else "image-classification",
+        tags=list(base["tags"]) + [dataset, "segmentation" if seg else "image-classification"],
+        model_details=(f"- **Architecture:** OpenUS VMamba backbone + {head}; {num_params:,} parameters; "
+                       f"architecture in `config.json`.\n- **Backbone weights:** `{cfg['model']['init_from']}`.\n"
+                       f"- **Training:** {recipe}.\n- **Code revision:** `{_git_sha()}`."),
+        uses=(f"- **Direct use:** research on {'lesion/organ segmentation' if seg else 'image classification'} of "
+              f"2-D ultrasound frames like those of {dataset}.\n- **Downstream use:** a starting point for "
+              "fine-tuning on similar data."),
+        get_started=(f"import openus_hub  # registers the OpenUS classes with transformers\n"
+                     f"from transformers import pipeline\npipe = pipeline("
+                     f"\"{'image-segmentation' if seg else 'image-classification'}\", model=\"{{org}}/{name}\")\n"
+                     "result = pipe(pil_image)  # decode DICOM frames with openus_hub.io.read_dicom first"),
+        training_data=[{"name": f"{dataset} ({d['root']}, fold {d['fold']})",
+                        "licence": "see the dataset's own terms", "note": "downstream training set"}]
+        + list(base["training_data"][:1]),
+        evaluation=(f"{dataset} test split, this run (`training/evaluate.py`; Dice/IoU per sample as upstream's "
+                    f"test script):\n\n{markdown_table(summary, dataset)}"),
+        eval_results=[],
+    )
+    from .evaluate import eval_results
+
+    meta["eval_results"] = eval_results(summary, dataset)
+    meta.pop("source", None)
+    return meta
+
+
+def export(net: DownstreamNet, cfg: dict, out_dir: Path, test: dict, sample_batch: torch.Tensor) -> Path:
+    """``save_pretrained`` of the best model + processor + card; the card records the reload round-trip check."""
+    from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
+
+    from conversion.model_card import write_card
+
+    task = cfg["task"]
+    model = copy.deepcopy(net.model).eval()
+    if task == "classification" and net.feature_scale != 1.0:  # classifier(s * pooled) == (s W) pooled + b
+        with torch.no_grad():
+            model.classifier.weight.mul_(net.feature_scale)
+    model.openus.requires_grad_(True)
+    folder = out_dir / "model"
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        model.save_pretrained(tmp)
+        size = cfg["data"]["image_size"]
+        OpenUSImageProcessorPil(size={"height": size, "width": size}).save_pretrained(tmp)
+        auto = AutoModelForSemanticSegmentation if task == "segmentation" else AutoModelForImageClassification
+        reloaded = auto.from_pretrained(tmp).eval()
+        with torch.no_grad():
+            diff = (reloaded(pixel_values=sample_batch).logits - net.eval().logits(sample_batch)).abs().max().item()
+        if diff > 1e-4:
+            raise RuntimeError(f"exported model differs from the trained one by {diff:.3e}")
+        kind = "seg" if task == "segmentation" else "linear"
+        name = cfg["export"]["name"] or f"openus-{cfg['data']['dataset']}-{kind}"
+        meta = card_metadata(cfg, task, test, name, sum(p.numel() for p in model.parameters()))
+        script = "finetune_segmentation" if task == "segmentation" else "linear_probe"
+        verification = {"converter": f"training.{script}",
+                        "checks": [{"check": "export round trip: reloaded folder vs the trained model, logits",
+                                    "input": f"{sample_batch.shape[0]} validation images", "max_abs_diff": diff,
+                                    "tolerance": 1e-4}],
+                        "notes": ["Not a conversion: trained with openus_hub; see Model details for the recipe."]}
+        write_card(tmp, meta, verification)
+        (out_dir / "export_card.json").write_text(json.dumps({"meta": meta, "verification": verification}, indent=2),
+                                                 encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training
+
+
+def train(task: str, args: argparse.Namespace) -> dict:
+    cfg = load_downstream_config(task, args.config, args.overrides)
+    rank, world, device = du.init_distributed()
+    tcfg, dcfg = cfg["train"], cfg["data"]
+    if tcfg["num_threads"]:
+        torch.set_num_threads(int(tcfg["num_threads"]))
+    out_dir = Path(args.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.yaml")
+    du.barrier()
+
+    torch.manual_seed(tcfg["seed"])
+    random.seed(tcfg["seed"])
+    np.random.seed(tcfg["seed"])
+    train_ds, eval_ds, classes = build_data(cfg)
+    num_labels = len(classes) if task == "classification" else 2
+    model = build_model(cfg, num_labels, classes)
+    frozen = tcfg["mode"] == "frozen"
+    scale = 2.0 if task == "classification" and tcfg["avgpool"] == 2 else 1.0  # avgpool 2 = CLS + mean = 2 x GAP
+    net = DownstreamNet(model, task, frozen, scale).to(device)
+    head = model.decoder if task == "segmentation" else model.classifier
+    head_params = list(head.parameters())
+    backbone_params = [] if frozen else list(model.openus.parameters())
+    lr = tcfg["lr"] * (dcfg["batch_size_per_gpu"] / 16 if tcfg["scale_lr"] else 1.0)
+    groups = [{"params": head_params, "lr": lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": lr * tcfg["backbone_lr_mult"]})
+    if tcfg["optimizer"] == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
+    elif tcfg["optimizer"] == "adam":
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=tcfg["weight_decay"])
+    elif tcfg["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=tcfg["weight_decay"])
+    else:
+        raise ValueError(f"train.optimizer must be sgd, adam or adamw, got {tcfg['optimizer']!r}")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg["epochs"], eta_min=0.0)  # stepped per epoch
+    ddp = net
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=(task == "classification" and not frozen))  # stage 0-2 out-norms are unused
+
+    step, start_epoch, skip_batches = 0, 0, 0
+    best: dict = {}
+    best_state = None
+    history: list[dict] = []
+    resume = ckpt_utils.latest_checkpoint(ckpt_dir) if args.resume == "auto" else args.resume
+    if resume:
+        state = ckpt_utils.load(resume)
+        if state.get("format") != FORMAT or state.get("task") != task:
+            raise ValueError(f"{resume} is not a {task} checkpoint of this script")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+        best, best_state, history = state["best"], state["best_model"], state["history"]
+        logger.info("resumed from %s (step %d, epoch %d, batch %d)", resume, step, start_epoch, skip_batches)
+
+    def save(epoch: int, batch_in_epoch: int) -> None:
+        if rank == 0:
+            ckpt_utils.save_atomic({
+                "format": FORMAT, "task": task, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "best": best, "best_model": best_state, "history": history, "config": cfg,
+                "model_config": model.config.to_dict(), "world_size": world, "git_sha": _git_sha(),
+            }, ckpt_utils.checkpoint_path(ckpt_dir, step))
+            ckpt_utils.prune(ckpt_dir, cfg["checkpoint"]["keep_last"], None)
+        du.barrier()
+
+    def log(record: dict) -> None:
+        if rank == 0:
+            with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    bs = dcfg["batch_size_per_gpu"]
+    per_epoch = math.ceil(math.ceil(len(train_ds) / world) / bs)
+    max_steps = tcfg["max_steps"]
+    t0 = time.time()
+    stopped = max_steps is not None and step >= max_steps
+    epoch = start_epoch
+    while epoch < tcfg["epochs"] and not stopped:
+        train_ds.set_epoch(epoch)
+        idx = epoch_indices(len(train_ds), tcfg["seed"], epoch, rank, world)[skip_batches * bs:]
+        loader = torch.utils.data.DataLoader(train_ds, batch_size=bs, sampler=idx, num_workers=dcfg["num_workers"])
+        ddp.train()
+        batch_in_epoch = skip_batches
+        skip_batches = 0
+        for batch in loader:
+            # per-step RNG from (seed, step, rank): DropPath draws are the same after a resume
+            torch.manual_seed(int(np.random.SeedSequence([tcfg["seed"], step, rank]).generate_state(1)[0]))
+            x, y = batch["pixel_values"].to(device), batch["labels"].to(device)
+            loss, _ = ddp(x, y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            batch_in_epoch += 1
+            if step % cfg["log"]["every_steps"] == 0 or step == 1:
+                log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                     "time": round(time.time() - t0, 2)})
+                logger.info("step %d epoch %d loss %.4f", step, epoch, loss.item())
+            every = cfg["checkpoint"]["every_steps"]
+            if every and step % every == 0 and batch_in_epoch < per_epoch:
+                save(epoch, batch_in_epoch)
+            if max_steps is not None and step >= max_steps:
+                stopped = True
+                break
+        finished_epoch = batch_in_epoch >= per_epoch
+        if finished_epoch:
+            sched.step()
+        metrics = evaluate_split(net, eval_ds["val"], cfg, rank, world)
+        if _improved(cfg, metrics, best):
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best["epoch"], best["step"] = epoch, step
+        for key in ("accuracy", "dice", "iou"):
+            if key in metrics and (best.get(key) is None or metrics[key] > best[key]):
+                best[key] = metrics[key]
+        history.append({"epoch": epoch, "step": step, **{k: v for k, v in metrics.items() if k != "per_class"}})
+        log({"step": step, "epoch": epoch, "val": history[-1]})
+        logger.info("epoch %d val %s", epoch, {k: round(v, 4) for k, v in history[-1].items()
+                                               if isinstance(v, float)})
+        epoch += 1 if finished_epoch else 0
+        save(epoch, 0 if finished_epoch else batch_in_epoch)
+        if not finished_epoch:
+            break
+
+    # the best model on the test split, then export (rank 0)
+    model.load_state_dict(best_state)
+    test = evaluate_split(net, eval_ds["test"], cfg, rank, world)
+    test.update(task=task, split="test", dataset=dcfg["dataset"], seed=tcfg["seed"], best=best, steps=step,
+                train_seconds=round(time.time() - t0, 2), world_size=world)
+    result = {"test": test, "best": best, "steps": step, "output_dir": str(out_dir)}
+    if rank == 0:
+        (out_dir / "eval_test.json").write_text(json.dumps(test, indent=2), encoding="utf-8")
+        if cfg["export"]["enabled"]:
+            sample = torch.stack([eval_ds["val"][i]["pixel_values"] for i in range(min(2, len(eval_ds["val"])))])
+            result["export_dir"] = str(export(net, cfg, out_dir, test, sample.to(device)))
+    du.barrier()
+    return result
+
+
+def main(task: str, argv: list[str] | None, description: str) -> int:
+    args = get_args_parser(description).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        train(task, args)
+    except NonFiniteLossError as err:
+        logger.error("%s", err)
+        return 3
+    finally:
+        du.cleanup()
+    return 0

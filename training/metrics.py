@@ -1,0 +1,198 @@
+"""Downstream metrics of OpenUS (spec §3.1, §3.2, §3.4): segmentation Dice/IoU and classification accuracy/F1.
+
+Segmentation (binary, foreground = class 1; pixels labelled ``ignore_index`` (255) are left out):
+
+* :func:`pooled_dice_iou` – upstream ``eval_segmentation.py`` validation: one Dice and one IoU per **batch**, pooled
+  over every pixel of the batch, ``IoU = (|P∩G| + eps) / (|P∪G| + eps)`` set to 1 when the union is empty,
+  ``Dice = (2|P∩G| + eps) / (|P| + |G| + eps)``, eps = 1e-6. :class:`PooledSegmentationMeter` averages them over
+  batches, as upstream does.
+* :func:`per_sample_dice_iou` – upstream ``test_segmentation.py``: the same formulas per image, averaged over images.
+* :func:`offline_dice_iou` – upstream ``calculate_dice_iou.py`` (§3.4): first channel, both masks binarised with
+  ``> 0`` (not ``== 255``), prediction resized to the ground truth if the sizes differ, IoU without the empty-union
+  special case (``(I + eps) / (Σy + Σŷ - I + eps)``, which is also 1 for two empty masks).
+
+Classification: :func:`classification_metrics` gives accuracy and macro/weighted precision, recall and F1 with
+sklearn's conventions (labels = those present in ``y_true`` or ``y_pred``; a class with no prediction or no support
+scores 0, sklearn's ``zero_division`` default).
+
+:func:`mean_std` summarises repeated runs (seeds): population std (``numpy.std``, ddof 0).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EPS = 1e-6
+
+
+def _binary(pred: torch.Tensor, target: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor, ...]:
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    p = (pred == 1) & valid
+    g = (target == 1) & valid
+    return p, g
+
+
+def pooled_dice_iou(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS,
+                    ignore_index: int | None = 255) -> tuple[float, float]:
+    """(Dice, IoU) of a whole batch of class maps ``(B, H, W)``, pooled over all its pixels (upstream validation)."""
+    p, g = _binary(pred, target, ignore_index)
+    inter = (p & g).sum().item()
+    union = (p | g).sum().item()
+    iou = 1.0 if union == 0 else (inter + eps) / (union + eps)
+    dice = (2 * inter + eps) / (p.sum().item() + g.sum().item() + eps)
+    return dice, iou
+
+
+def per_sample_dice_iou(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS,
+                        ignore_index: int | None = 255) -> tuple[list[float], list[float]]:
+    """Per-image (Dice list, IoU list) of class maps ``(B, H, W)`` (upstream ``test_segmentation.py``)."""
+    dices, ious = [], []
+    for i in range(pred.shape[0]):
+        d, j = pooled_dice_iou(pred[i : i + 1], target[i : i + 1], eps, ignore_index)
+        dices.append(d)
+        ious.append(j)
+    return dices, ious
+
+
+class PooledSegmentationMeter:
+    """Upstream's validation numbers: batch-pooled Dice/IoU, averaged over batches; also keeps per-sample values."""
+
+    def __init__(self, ignore_index: int | None = 255):
+        self.ignore_index = ignore_index
+        self.batch_dice: list[float] = []
+        self.batch_iou: list[float] = []
+        self.sample_dice: list[float] = []
+        self.sample_iou: list[float] = []
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        d, j = pooled_dice_iou(pred, target, ignore_index=self.ignore_index)
+        self.batch_dice.append(d)
+        self.batch_iou.append(j)
+        ds, js = per_sample_dice_iou(pred, target, ignore_index=self.ignore_index)
+        self.sample_dice += ds
+        self.sample_iou += js
+
+    def merge(self, other: "PooledSegmentationMeter") -> None:
+        for name in ("batch_dice", "batch_iou", "sample_dice", "sample_iou"):
+            getattr(self, name).extend(getattr(other, name))
+
+    def state(self) -> dict:
+        return {k: list(getattr(self, k)) for k in ("batch_dice", "batch_iou", "sample_dice", "sample_iou")}
+
+    @classmethod
+    def from_states(cls, states: Iterable[dict], ignore_index: int | None = 255) -> "PooledSegmentationMeter":
+        meter = cls(ignore_index)
+        for s in states:
+            for k, v in s.items():
+                getattr(meter, k).extend(v)
+        return meter
+
+    def compute(self) -> dict:
+        def mean(v: list[float]) -> float:
+            return float(np.mean(v)) if v else float("nan")
+
+        return {"dice": mean(self.batch_dice), "iou": mean(self.batch_iou),
+                "dice_per_sample": mean(self.sample_dice), "iou_per_sample": mean(self.sample_iou),
+                "dice_per_sample_std": float(np.std(self.sample_dice)) if self.sample_dice else float("nan"),
+                "iou_per_sample_std": float(np.std(self.sample_iou)) if self.sample_iou else float("nan"),
+                "num_batches": len(self.batch_dice), "num_samples": len(self.sample_dice)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# §3.4 offline metrics on saved PNG masks
+
+
+def _first_channel(arr: np.ndarray) -> np.ndarray:
+    return arr[..., 0] if arr.ndim == 3 else arr
+
+
+def offline_dice_iou(pred: np.ndarray, gt: np.ndarray, eps: float = EPS) -> tuple[float, float]:
+    """Dice, IoU of one saved prediction against its ground truth, upstream ``calculate_dice_iou.py``: first channel,
+    ``> 0`` binarisation of both. A prediction of another size is resized to the ground truth's size first (PIL
+    bilinear on the binary map, then ``> 0``; upstream uses skimage ``resize(anti_aliasing=True)``, which can differ
+    by a pixel along edges)."""
+    pred, gt = _first_channel(np.asarray(pred)), _first_channel(np.asarray(gt))
+    if pred.shape != gt.shape:
+        from PIL import Image
+
+        img = Image.fromarray((pred > 0).astype(np.float32), mode="F")
+        pred = np.asarray(img.resize((gt.shape[1], gt.shape[0]), Image.BILINEAR))
+    y, yhat = (gt > 0).astype(np.float64), (pred > 0).astype(np.float64)
+    inter = float((y * yhat).sum())
+    dice = (2 * inter + eps) / (y.sum() + yhat.sum() + eps)
+    iou = (inter + eps) / (y.sum() + yhat.sum() - inter + eps)
+    return float(dice), float(iou)
+
+
+_PRED_PATTERNS = (re.compile(r"pred_mask_(\d+)"), re.compile(r"test(\d+)"), re.compile(r"(\d+)"))
+
+
+def match_offline_pairs(pred_dir: str | Path, gt_dir: str | Path) -> list[tuple[Path, Path]]:
+    """Pair each prediction PNG with its ground truth by the number in its name (``pred_mask_N``, then ``testN``,
+    then the first digits), trying ``N.jpg``, ``N.png`` and then the same file name in ``gt_dir`` (§3.4)."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    pairs = []
+    for pred in sorted(p for p in pred_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")):
+        number = next((m.group(1) for pat in _PRED_PATTERNS if (m := pat.search(pred.stem))), None)
+        candidates = ([gt_dir / f"{number}.jpg", gt_dir / f"{number}.png"] if number is not None else []) + \
+            [gt_dir / pred.name]
+        gt = next((c for c in candidates if c.is_file()), None)
+        if gt is not None:
+            pairs.append((pred, gt))
+    return pairs
+
+
+def offline_summary(values: Sequence[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"mean": math.nan, "std": math.nan, "median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)), "min": float(v.min()),
+            "max": float(v.max()), "n": int(v.size)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# classification
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict:
+    """Accuracy and macro/weighted precision, recall, F1 (sklearn ``precision_recall_fscore_support`` conventions)."""
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    if t.shape != p.shape or t.ndim != 1:
+        raise ValueError(f"y_true {t.shape} and y_pred {p.shape} must be equal-length 1-D sequences")
+    if t.size == 0:
+        raise ValueError("no samples")
+    labels = np.union1d(t, p)
+    tp = np.array([np.sum((p == c) & (t == c)) for c in labels], dtype=np.float64)
+    pred_n = np.array([np.sum(p == c) for c in labels], dtype=np.float64)
+    support = np.array([np.sum(t == c) for c in labels], dtype=np.float64)
+    precision = np.divide(tp, pred_n, out=np.zeros_like(tp), where=pred_n > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    w = support / support.sum()
+    return {
+        "accuracy": float(np.mean(t == p)),
+        "macro_precision": float(precision.mean()), "macro_recall": float(recall.mean()), "macro_f1": float(f1.mean()),
+        "weighted_precision": float((precision * w).sum()), "weighted_recall": float((recall * w).sum()),
+        "weighted_f1": float((f1 * w).sum()),
+        "num_samples": int(t.size),
+        "per_class": {int(c): {"precision": float(a), "recall": float(b), "f1": float(d), "support": int(s)}
+                      for c, a, b, d, s in zip(labels, precision, recall, f1, support)},
+    }
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population std (ddof 0) over runs; (nan, nan) for no values."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std())
