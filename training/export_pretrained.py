@@ -4,14 +4,16 @@
         [--network teacher|student] [--image-size 224] [--overwrite]
 
 Writes ``config.json`` + ``model.safetensors`` (the backbone; the teacher by default, as upstream evaluates it),
-``preprocessor_config.json`` (``OpenUSImageProcessorPil.save_pretrained``) and a ``README.md`` model card with the
-training configuration and the data-manifest summary. The mask token, pixel decoder, EMA map and iBOT head are
+``preprocessor_config.json`` (``OpenUSImageProcessorPil.save_pretrained``) and a ``README.md`` model card rendered
+from ``model_cards/`` (``conversion.model_card``, base metadata ``openus-converted``) with the training configuration,
+the data-manifest summary and the measured export checks (the written folder reloaded against the checkpoint). The mask token, pixel decoder, EMA map and iBOT head are
 pretraining-only and are left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -29,44 +31,109 @@ from .utils.checkpoint import load
 
 logger = logging.getLogger("training.export_pretrained")
 
-CARD = """---
-library_name: transformers
-license: apache-2.0
-tags: [openus_hub, ultrasound, vmamba, self-supervised, image-feature-extraction]
-pipeline_tag: image-feature-extraction
----
 
-# OpenUS backbone continued/pretrained with openus_hub
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-The **{network}** backbone of an OpenUS pretraining run (self-adaptive masked contrastive learning, iBOT + pixel
-reconstruction; arXiv 2511.11510), exported from `{checkpoint}` at step {step} (epoch {epoch}, {world} process(es)).
 
-**Not for clinical diagnosis.** A research feature extractor; its quality depends entirely on the run below. Check it
-on your own scanners, vendors and patient populations before use.
+def card_metadata(state: dict, checkpoint: str | Path, network: str, name: str, num_params: int) -> dict:
+    """Card metadata: ``model_cards/openus-converted.json`` with this run's facts (training configuration, data
+    manifest summary, parameters, code revision) in place of the upstream ones."""
+    from conversion.model_card import load_metadata
 
-## How to get started
+    base = load_metadata("openus-converted")
+    cfg = state["config"]
+    man = state.get("data_manifest") or {}
+    init_from = (cfg.get("model") or {}).get("init_from")
+    config_yaml = yaml.safe_dump(cfg, sort_keys=False).rstrip()
+    manifest_json = json.dumps(state.get("data_manifest"), indent=2)
+    start = (f"continued from `{init_from}` (upstream OpenUS weights or a saved openus_hub folder)" if init_from
+             else "from random initialisation")
+    meta = dict(base)
+    meta.update(
+        name=name,
+        title=f"OpenUS backbone continued/pretrained with openus_hub ({name})",
+        summary=(f"The **{network}** backbone of an OpenUS pretraining run (self-adaptive masked contrastive learning, "
+                 f"iBOT + pixel reconstruction; arXiv 2511.11510), exported from `{Path(checkpoint).name}` at step "
+                 f"{state['step']} (epoch {state['epoch']}, {state['world_size']} process(es)).\n\n"
+                 "**Not for clinical diagnosis.** A research feature extractor; its quality depends entirely on the "
+                 "run below. Check it on your own scanners, vendors and patient populations before use."),
+        model_details=(
+            f"- **Architecture:** VMamba (SS2D four-direction selective scan) backbone, {num_params:,} parameters; "
+            "architecture in `config.json`.\n"
+            f"- **Pretraining:** OpenUS self-supervised recipe run with openus_hub's `training.pretrain`, {start}; "
+            f"this is the **{network}** network ({'the EMA teacher, as upstream evaluates it' if network == 'teacher' else 'the student'}). "
+            "The mask token, pixel decoder, EMA map and iBOT head are pretraining-only and are left out.\n"
+            f"- **Checkpoint:** `{Path(checkpoint).name}`, step {state['step']}, epoch {state['epoch']}, "
+            f"{state['world_size']} process(es).\n"
+            "- **Implementation:** native transformers model (`model_type` `openus`) from the `openus_hub` package; no "
+            "`trust_remote_code`.\n"
+            f"- **Code revision:** `{state.get('git_sha')}`.\n\n"
+            f"Training configuration:\n\n```yaml\n{config_yaml}\n```\n\n"
+            f"Training data (manifest summary):\n\n```json\n{manifest_json}\n```"),
+        get_started=("import openus_hub  # registers the model with transformers\n"
+                     "from transformers import AutoModel, AutoImageProcessor\n"
+                     f"model = AutoModel.from_pretrained(\"{{org}}/{name}\")  # or the local folder\n"
+                     f"processor = AutoImageProcessor.from_pretrained(\"{{org}}/{name}\")"),
+        training_data=[{
+            "name": (f"pretraining manifest `{man.get('manifest', 'unknown')}`: {man.get('samples', '?')} samples "
+                     f"from {man.get('files', '?')} files ({man.get('dicom_frames', '?')} DICOM frames)"),
+            "licence": "each source keeps its own licence; check them before any use beyond research",
+            "note": f"manifest sha256 `{man.get('sha256', 'unknown')}`",
+        }] + (list(base["training_data"]) if init_from else []),
+        evaluation=("openus_hub has not evaluated this backbone on a downstream task; the export only checks that the "
+                    "saved folder reproduces the checkpoint (below). Evaluate it with `training.linear_probe` or "
+                    "`training.finetune_segmentation` before relying on it."),
+        eval_results=[],
+    )
+    if not init_from:  # trained from scratch here: no upstream weights involved
+        meta.update(license="apache-2.0",
+                    out_of_scope=base["out_of_scope"].replace(
+                        "the licence (CC BY-NC 4.0) and several pretraining datasets forbid it.",
+                        "many ultrasound datasets forbid it; check the licence of every source in the training "
+                        "manifest first."),
+                    licence_text=("Weights: Apache-2.0, as the openus_hub code that trained them from random "
+                                  "initialisation. The images in the training manifest keep their own licences "
+                                  "(several public ultrasound sets are non-commercial or under data use agreements); "
+                                  "they may restrict what you can do with these weights, so check them before "
+                                  "redistributing."))
+    meta.pop("source", None)
+    return meta
 
-```python
-import openus_hub  # registers the model with transformers
-from transformers import AutoModel, AutoImageProcessor
-model = AutoModel.from_pretrained("{folder}")
-processor = AutoImageProcessor.from_pretrained("{folder}")
-```
 
-## Training data (manifest summary)
-
-```json
-{manifest}
-```
-
-## Training configuration
-
-Parameters: {params:,}. Code revision: `{git_sha}`.
-
-```yaml
-{config}
-```
-"""
+def _verify(model: OpenUSModel, state: dict, network: str, folder: Path, checkpoint: str | Path, size: int) -> dict:
+    """Reload the written folder and measure it against the checkpoint: every backbone tensor, and the features of one
+    fixed random image (the config round trip). Raises if they differ."""
+    reloaded = OpenUSModel.from_pretrained(folder).eval()
+    source = state[network]
+    weights_diff = max((v.double() - source["backbone." + k].double()).abs().max().item()
+                       for k, v in reloaded.state_dict().items())
+    side = 64  # a multiple of 32, small enough for the reference scan on any CPU
+    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(x, output_hidden_states=True), reloaded(x, output_hidden_states=True)
+    feat_diff = max((p - q).abs().max().item()
+                    for p, q in zip((a.last_hidden_state, *a.hidden_states), (b.last_hidden_state, *b.hidden_states)))
+    if weights_diff != 0.0 or feat_diff > 1e-4:
+        raise RuntimeError(f"exported folder differs from the checkpoint: weights {weights_diff:.3e}, "
+                           f"features {feat_diff:.3e}")
+    return {
+        "source_file": Path(checkpoint).name, "source_sha256": _sha256(checkpoint),
+        "converter": "training.export_pretrained", "weights_sha256": _sha256(folder / "model.safetensors"),
+        "checks": [
+            {"check": f"saved model.safetensors vs the checkpoint's {network} backbone tensors",
+             "input": f"{len(reloaded.state_dict())} tensors", "max_abs_diff": weights_diff, "tolerance": 0.0},
+            {"check": "reloaded folder vs the exported model, last_hidden_state and hidden_states",
+             "input": f"1 random image {side}x{side} (seed 0)", "max_abs_diff": feat_diff, "tolerance": 1e-4},
+        ],
+        "notes": [f"Not a conversion: pretrained with openus_hub (`training.pretrain`), {state['step']} steps; the "
+                  f"training configuration and data manifest summary are under Model details. Processor size: "
+                  f"{size}x{size}."],
+    }
 
 
 def export(checkpoint: str | Path, output_dir: str | Path, network: str = "teacher", image_size: int | None = None,
@@ -96,13 +163,11 @@ def export(checkpoint: str | Path, output_dir: str | Path, network: str = "teach
         model.save_pretrained(tmp)
         size = image_size or state["config"]["data"]["global_size"]
         OpenUSImageProcessorPil(size={"height": size, "width": size}).save_pretrained(tmp)
-        (tmp / "README.md").write_text(CARD.format(
-            network=network, checkpoint=Path(checkpoint).name, step=state["step"], epoch=state["epoch"],
-            world=state["world_size"], folder=output_dir.name,
-            manifest=json.dumps(state.get("data_manifest"), indent=2),
-            params=sum(p.numel() for p in model.parameters()), git_sha=state.get("git_sha"),
-            config=yaml.safe_dump(state["config"], sort_keys=False).rstrip(),
-        ), encoding="utf-8")
+        from conversion.model_card import write_card
+
+        verification = _verify(model, state, network, tmp, checkpoint, size)
+        meta = card_metadata(state, checkpoint, network, output_dir.name, sum(p.numel() for p in model.parameters()))
+        write_card(tmp, meta, verification)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)

@@ -4,13 +4,16 @@
 
 Writes `config.json` + `model.safetensors` (loadable with plain `transformers.SegformerForSemanticSegmentation`, no
 openus_hub needed), `preprocessor_config.json` (SegFormer image processor with the training resolution and
-normalisation) and a `README.md` model card (teacher, data, recipe, params/FLOPs of teacher and student, eval).
+normalisation) and a `README.md` model card rendered from `model_cards/` (`conversion.model_card`, base metadata: the
+TransKD student card of the run's variant) with teacher, data, recipe, params/FLOPs of teacher and student, val mIoU
+and the measured reload difference.
 Upload with `openus-hub push` (Hub issue).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -78,74 +81,172 @@ def student_from_checkpoint(ckpt: dict) -> SegformerForSemanticSegmentation:
     return student.eval()
 
 
-def render_card(ckpt: dict, numbers: dict) -> str:
+VARIANT_NAMES = {"base": "TransKD-Base (CSF + PEA)", "gl": "TransKD-GL (CSF + PEA + GL-Mixer)",
+                 "ea": "TransKD-EA (CSF + PEA + embedding assistant)"}
+STREET_SCENES = ("cityscapes", "acdc")
+DATA_LICENCES = {"cityscapes": "Cityscapes terms of use: non-commercial research, registration required",
+                 "acdc": "ACDC terms of use: non-commercial research, registration required: verify"}
+FLOPS_RULE = "FLOPs = module MACs at 1x3x512x1024, no attention matmuls or upsampling, as TransKD"
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dataset_label(d: dict) -> str:
+    return d.get("root") or (f"pydicom example `{d['dicom_name']}`" if d["dataset"] == "dicom_examples" else d["dataset"])
+
+
+def card_metadata(ckpt: dict, numbers: dict, name: str | None = None) -> dict:
+    """Card metadata: the TransKD student card of the run's variant (``model_cards/transkd-<variant>-b0-cityscapes``)
+    with this run's teacher, data, recipe, params/FLOPs and validation mIoU in place of the upstream ones."""
+    from conversion.model_card import load_metadata
+
     cfg = ckpt["config"]
     state = ckpt["state"]
-    t, d, k, o, sc, tr = (cfg[x] for x in ("teacher", "data", "kd", "optim", "schedule", "train"))
+    t, d, k, o, sc, tr, s = (cfg[x] for x in ("teacher", "data", "kd", "optim", "schedule", "train", "student"))
+    base = load_metadata(f"transkd-{k['variant']}-b0-cityscapes")
+    openus = load_metadata("openus-converted")
+    name = name or cfg.get("name", "distilled")
+    variant_name = VARIANT_NAMES[k["variant"]]
     teacher_name = t.get("pretrained") or f"random-init {t['type']} (smoke test only)"
-    dataset = d.get("root") or (f"pydicom example `{d['dicom_name']}`" if d["dataset"] == "dicom_examples" else d["dataset"])
+    dataset = _dataset_label(d)
+    street = d["dataset"] in STREET_SCENES
     evals = state.get("evals") or []
     best = max(evals, key=lambda e: e["miou"]) if evals else None
-    variant_name = {"base": "TransKD-Base (CSF + PEA)", "gl": "TransKD-GL (CSF + PEA + GL-Mixer)",
-                    "ea": "TransKD-EA (CSF + PEA + embedding assistant)"}[k["variant"]]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-segmentation",
-        "tags: [segformer, knowledge-distillation, transkd, ultrasound, openus_hub]",
-        "---",
-        "",
-        f"# {cfg.get('name', 'distilled')}: SegFormer student distilled with {variant_name}",
-        "",
-        "A stock `transformers` SegFormer (`SegformerForSemanticSegmentation`); no custom code is needed to run it.",
-        "**Not for clinical diagnosis.**",
-        "",
-        "## Distillation",
-        f"- Teacher: {teacher_name} ({t['type']})",
-        f"- Data: {dataset} (train split `{d['train_split']}`, val split `{d['val_split']}`); "
-        f"input {d['height']}x{d['width'] or 'auto'}, labels at {d['label_scale']}x resolution",
-        f"- Recipe: {variant_name}; loss = weighted CE + {k['hcl_weight']} x HCL + "
-        f"sum w_s x patch-embedding MSE, w = {k['embed_weights']}",
-        f"- Optimiser: AdamW lr {o['lr']}, weight decay {o['weight_decay']}; linear poly decay per epoch over "
-        f"{sc['max_decay_epochs']} epochs; {tr['epochs']} epochs at batch {tr['batch_size']}"
-        + (f" (stopped at step {tr['max_steps']})" if tr.get("max_steps") else ""),
-        f"- Trained: {state['step']} steps, {state['epoch']} epochs; git {ckpt.get('git_sha') or 'unknown'}",
-        "",
-        "## Size and cost (FLOPs = module MACs at 1x3x512x1024, no attention matmuls or upsampling, as TransKD)",
-        "",
-        "| model | params | GFLOPs |",
-        "|---|---|---|",
+    sc_ = ckpt.get("student_config") or {}
+    id2label = sc_.get("id2label") or {}
+    if s.get("id2label"):
+        id2label = s["id2label"]
+
+    recipe = (f"{variant_name}; loss = weighted CE + {k['hcl_weight']} x HCL + sum w_s x patch-embedding MSE, "
+              f"w = {k['embed_weights']}")
+    optimiser = (f"AdamW lr {o['lr']}, weight decay {o['weight_decay']}; linear poly decay per epoch over "
+                 f"{sc['max_decay_epochs']} epochs; {tr['epochs']} epochs at batch {tr['batch_size']}"
+                 + (f" (stopped at step {tr['max_steps']})" if tr.get("max_steps") else ""))
+    data_line = (f"{dataset} (train split `{d['train_split']}`, val split `{d['val_split']}`); input "
+                 f"{d['height']}x{d['width'] or 'auto'}, labels at {d['label_scale']}x resolution")
+    model_details = "\n".join([
+        f"- **Architecture:** SegFormer (MiT encoder, hidden sizes {sc_.get('hidden_sizes')}, depths "
+        f"{sc_.get('depths')}, all-MLP decoder {sc_.get('decoder_hidden_size')}), {numbers['student_params']:,} "
+        f"parameters; {len(id2label) or sc_.get('num_labels', '?')} classes "
+        f"({', '.join(f'{i}: {v}' for i, v in id2label.items()) if id2label else 'see config.json'}).",
+        "- **Format:** a stock `transformers` SegFormer (`SegformerForSemanticSegmentation`, `model_type` "
+        "`segformer`); no custom code is needed to run it. Logits come out at 1/4 of the input resolution.",
+        f"- **Teacher:** {teacher_name} ({t['type']})",
+        f"- **Data:** {data_line}",
+        f"- **Recipe:** {recipe}",
+        f"- **Optimiser:** {optimiser}",
+        f"- **Trained:** {state['step']} steps, {state['epoch']} epochs; git {ckpt.get('git_sha') or 'unknown'}",
+        f"- **LayerNorm eps:** the run used eps 1e-6 on block/stage norms: {s['upstream_layer_norm_eps']}; "
+        "transformers builds every LayerNorm with eps 1e-5, so the reload difference is measured below.",
+        "- **Recipe source:** TransKD ([RuipingL/TransKD](https://github.com/RuipingL/TransKD) at "
+        f"`{base['source']['commit']}`), reimplemented in openus_hub's `training.distill`.",
+    ])
+    ratio_p = numbers["student_params"] / numbers["teacher_params"]
+    ratio_f = numbers["student_gflops"] / numbers["teacher_gflops"]
+    size_table = "\n".join([
+        f"**Size and cost** ({FLOPS_RULE}):", "",
+        "| model | params | GFLOPs |", "|---|---|---|",
         f"| teacher | {numbers['teacher_params']:,} | {numbers['teacher_gflops']:.2f} |",
         f"| student | {numbers['student_params']:,} | {numbers['student_gflops']:.2f} |",
-        f"| student / teacher | {numbers['student_params'] / numbers['teacher_params']:.3f} | "
-        f"{numbers['student_gflops'] / numbers['teacher_gflops']:.3f} |",
-        "",
-        "## Evaluation (validation split, mIoU at the label resolution, upstream `iouEval` rule)",
-        "",
-    ]
+        f"| student / teacher | {ratio_p:.3f} | {ratio_f:.3f} |",
+    ])
     if best:
-        lines.append(f"- best val mIoU: {best['miou']:.4f} (epoch {best['epoch']}, step {best['step']}); "
-                     f"per class: {best['iou']}")
-        lines.append("- note: the best epoch is selected on the same val split it is reported on (as upstream).")
+        result = (f"- best val mIoU: {best['miou']:.4f} (epoch {best['epoch']}, step {best['step']}); per class: "
+                  f"{best['iou']}\n- note: the best epoch is selected on the same val split it is reported on "
+                  "(as upstream).")
     else:
-        lines.append("- no evaluation was run")
-    lines += [
-        "",
-        "## Usage",
-        "```python",
-        "from transformers import AutoImageProcessor, SegformerForSemanticSegmentation",
-        "processor = AutoImageProcessor.from_pretrained(PATH)",
-        "model = SegformerForSemanticSegmentation.from_pretrained(PATH)",
-        "logits = model(**processor(images=image, return_tensors='pt')).logits  # 1/4 resolution",
-        "```",
-        "",
-        "## Export check",
-        f"- max |logit difference| between the trained student and this exported folder: "
-        f"{numbers['export_max_abs_diff']:.2e} (transformers builds every LayerNorm with eps 1e-5; the run used "
-        f"eps 1e-6 on block/stage norms: {cfg['student']['upstream_layer_norm_eps']})",
-        "",
-    ]
-    return "\n".join(lines)
+        result = "- no evaluation was run"
+    evaluation = ("**Validation split, mIoU at the label resolution, upstream `iouEval` rule** (this run, "
+                  f"`training.distill`):\n\n{result}\n\n{size_table}")
+    dataset_type = d["dataset"] if d["dataset"] != "folder" else Path(d.get("root") or "folder").name
+    eval_results = []
+    if best and best["miou"] == best["miou"]:  # not NaN
+        eval_results.append({
+            "task_type": "image-segmentation", "dataset_type": dataset_type,
+            "dataset_name": f"{dataset} ({d['val_split']}, labels at {d['label_scale']}x)",
+            "dataset_split": d["val_split"], "metric_type": "mean_iou", "metric_name": "mIoU",
+            "metric_value": round(100 * best["miou"], 2),  # %, as the TransKD cards
+        })
+    training_data = [{"name": f"{dataset} (train split `{d['train_split']}`, val split `{d['val_split']}`)",
+                      "licence": DATA_LICENCES.get(d["dataset"], "see the dataset's own terms"),
+                      "note": "distillation data (student and teacher see the same images)"},
+                     {"name": f"teacher's training data ({teacher_name})",
+                      "licence": "see the teacher's card",
+                      "note": "the student inherits what the teacher learned from it"}]
+    if street:
+        if d["dataset"] == "cityscapes":
+            training_data = list(base["training_data"]) + training_data[1:]
+        uses, out_of_scope = base["uses"], base["out_of_scope"]
+        limitations = (base["limitations"].splitlines()[0] if d["dataset"] == "cityscapes" else
+                       "- Trained on ACDC adverse-condition street scenes (fog, night, rain, snow); expect degradation "
+                       "elsewhere.") + (
+            "\n- The best epoch is selected on the validation split it is reported on (as upstream), so the "
+            "reported mIoU is optimistic.\n- mIoU is measured at the label resolution "
+            f"({d['label_scale']}x, TransKD protocol); it is not comparable with full-resolution results.")
+    else:
+        uses = (f"- **Direct use:** research on fast semantic segmentation of 2-D ultrasound frames like those of "
+                f"{dataset}.\n- **Downstream use:** a small, stock-transformers starting point for fine-tuning on "
+                "similar data.")
+        out_of_scope = ("- Any clinical use, including as a second reader.\n- Processing identifiable patient data "
+                        "without the approvals and de-identification your institution requires.\n- Commercial use: "
+                        "the teacher's licence and many ultrasound datasets forbid it.")
+        limitations = "\n".join(openus["limitations"].split("\n- **Self-supervised features only.**")[:1]) + (
+            "\n- **Selection on validation.** The best epoch is selected on the validation split it is reported on "
+            "(as upstream), so the reported mIoU is optimistic.")
+    if t["type"] == "openus":
+        license_fields = {"license": "cc-by-nc-4.0", "license_name": None, "license_link": None}
+        licence_text = ("Weights: CC BY-NC 4.0, as the OpenUS teacher they were distilled from (upstream OpenUS weights "
+                        "are CC BY-NC 4.0). The distillation data keeps its own licence "
+                        f"({DATA_LICENCES.get(d['dataset'], 'see the dataset own terms')}). openus_hub code: "
+                        "Apache-2.0.")
+        citation = base["citation"] + "\n\n" + openus["citation"]
+    else:
+        license_fields = {k_: base.get(k_) for k_ in ("license", "license_name", "license_link")}
+        licence_text = ("Distilled from a SegFormer teacher: " + base["licence_text"]
+                        + ("" if street else " The ultrasound training data keeps its own licence; check it too."))
+        citation = base["citation"]
+    tags = [x for x in base["tags"] if x != "cityscapes"]
+    tags += [d["dataset"]] if street else ["ultrasound", "medical-imaging"]
+    meta = dict(base)
+    meta.update(
+        name=name, title=f"{name}: SegFormer student distilled with {variant_name}",
+        summary=(f"A SegFormer student distilled from {teacher_name} ({t['type']}) with {variant_name} on "
+                 f"{dataset}. A stock `transformers` SegFormer (`SegformerForSemanticSegmentation`); no custom code "
+                 "is needed to run it.\n\n**Not for clinical diagnosis.**"),
+        tags=tags, datasets=[d["dataset"]] if street else [], base_model=None,
+        model_details=model_details, uses=uses, out_of_scope=out_of_scope, limitations=limitations,
+        get_started=("from transformers import AutoImageProcessor, SegformerForSemanticSegmentation\n"
+                     f"processor = AutoImageProcessor.from_pretrained(\"{{org}}/{name}\")  # or the local folder\n"
+                     f"logits = SegformerForSemanticSegmentation.from_pretrained(\"{{org}}/{name}\")"
+                     "(**processor(images=image, return_tensors=\"pt\")).logits  # 1/4 resolution"),
+        training_data=training_data, evaluation=evaluation, eval_results=eval_results, citation=citation,
+        licence_text=licence_text, **license_fields,
+    )
+    meta.pop("source", None)
+    return meta
+
+
+def verification(ckpt: dict, checkpoint: str | Path, folder: Path, numbers: dict, input_desc: str) -> dict:
+    eps = ckpt["config"]["student"]["upstream_layer_norm_eps"]
+    return {
+        "source_file": Path(checkpoint).name, "source_sha256": _sha256(checkpoint),
+        "converter": "training.export_student", "weights_sha256": _sha256(folder / "model.safetensors"),
+        "checks": [{"check": "exported folder reloaded with stock transformers vs the student as trained, logits",
+                    "input": input_desc, "max_abs_diff": numbers["export_max_abs_diff"], "tolerance": None}],
+        "notes": [f"max |logit difference| between the trained student and this exported folder: "
+                  f"{numbers['export_max_abs_diff']:.2e} (transformers builds every LayerNorm with eps 1e-5; the run "
+                  f"used eps 1e-6 on block/stage norms: {eps}).",
+                  f"Parameters (teacher / student): {numbers['teacher_params']:,} / {numbers['student_params']:,}; "
+                  f"GFLOPs: {numbers['teacher_gflops']:.2f} / {numbers['student_gflops']:.2f} ({FLOPS_RULE}).",
+                  "Not a conversion: distilled with openus_hub (`training.distill`); see Model details for the "
+                  "recipe."],
+    }
 
 
 def export(checkpoint: str, output_dir: str) -> dict:
@@ -174,7 +275,11 @@ def export(checkpoint: str, output_dir: str) -> dict:
         "teacher_gflops": flops_512x1024(lambda: teacher_model_from_checkpoint(ckpt), ckpt["teacher_type"] != "openus") / 1e9,
         "export_max_abs_diff": diff,
     }
-    (out / "README.md").write_text(render_card(ckpt, numbers))
+    from conversion.model_card import write_card
+
+    meta = card_metadata(ckpt, numbers)
+    write_card(out, meta, verification(ckpt, checkpoint, out, numbers,
+                                       f"1 random image {x.shape[2]}x{x.shape[3]} (seed 0)"))
     (out / "distillation.json").write_text(json.dumps({
         "checkpoint": str(checkpoint), "numbers": numbers, "evals": ckpt["state"].get("evals", []),
         "recipe": ckpt["config"],

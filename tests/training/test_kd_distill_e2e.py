@@ -1,6 +1,7 @@
 """End to end on CPU: distillation on real pydicom ultrasound frames (synthetic fan masks), resume, export, and
 loading the exported student with plain transformers in a process that cannot import openus_hub."""
 
+import hashlib
 import json
 import os
 import signal
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
+from conversion.model_card import SECTIONS, validate_card
 from training import distill, export_student
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,10 +118,34 @@ def test_torchrun_openus_teacher_resume_export_and_plain_load(tmp_path):
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in export_dir.iterdir()}
     config = json.loads((export_dir / "config.json").read_text())
     assert config["model_type"] == "segformer" and config["id2label"] == {"0": "background", "1": "fan"}
-    card = (export_dir / "README.md").read_text()
-    for needle in ("Teacher:", "Data:", "Recipe:", "GFLOPs", "mIoU", "Not for clinical diagnosis"):
-        assert needle in card
     assert numbers["export_max_abs_diff"] < 1e-4 and numbers["student_params"] < numbers["teacher_params"]
+    # README.md: the model_cards/ template (ModelCardData front matter, parsed back with huggingface_hub.ModelCard)
+    # with the numbers the export measured
+    card = ModelCard.load(export_dir / "README.md")
+    validate_card(export_dir / "README.md", require_verification=True)
+    assert [line[3:] for line in card.text.splitlines() if line.startswith("## ")] == list(SECTIONS)
+    assert card.data.license == "cc-by-nc-4.0"  # distilled from an OpenUS teacher
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-segmentation"
+    assert card.data.model_name == "debug_cpu_openus" and {"transkd", "ultrasound", "openus_hub"} <= set(card.data.tags)
+    text = card.text
+    for needle in ("**Teacher:**", "**Data:**", "**Recipe:** TransKD-EA", "GFLOPs", "mIoU", "Not for clinical diagnosis",
+                   "**This model is not a medical device.**", "arXiv:2202.13393", "arXiv:2511.11510"):
+        assert needle in text, needle
+    best = max(ckpt["state"]["evals"], key=lambda e: e["miou"])
+    (result,) = card.data.eval_results
+    assert result.metric_type == "mean_iou" and result.dataset_split == "val"
+    assert result.metric_value == pytest.approx(round(100 * best["miou"], 2))
+    assert f"best val mIoU: {best['miou']:.4f}" in text
+    for key in ("teacher_params", "student_params"):
+        assert f"{numbers[key]:,}" in text
+    assert f"| teacher | {numbers['teacher_params']:,} | {numbers['teacher_gflops']:.2f} |" in text
+    assert f"| student | {numbers['student_params']:,} | {numbers['student_gflops']:.2f} |" in text
+    measured = f"{numbers['export_max_abs_diff']:.2e}"
+    assert f"Maximum absolute difference measured: **{measured}**" in text
+    assert f"max |logit difference| between the trained student and this exported folder: {measured}" in text
+    assert f"eps 1e-6 on block/stage norms: {ckpt['config']['student']['upstream_layer_norm_eps']}" in text
+    assert hashlib.sha256((export_dir / "model.safetensors").read_bytes()).hexdigest() in text
+    assert hashlib.sha256((out / "checkpoints" / "last.pt").read_bytes()).hexdigest() in text
 
     proc = _run_group([sys.executable, "-c", BLOCKED_LOADER, str(export_dir)], 300, cwd=tmp_path,
                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

@@ -3,11 +3,14 @@
 * one process, in-process ``main``: finite losses, log/figure/checkpoint files, weights_only checkpoints, pruning,
   non-finite loss handling;
 * ``torchrun --nproc_per_node=2`` (gloo): killed after a checkpoint, resumed with ``--resume auto``, ends with the
-  same parameters, optimiser state and centers as an uninterrupted run; then exported and loaded with AutoModel.
+  same parameters, optimiser state and centers as an uninterrupted run; then exported and loaded with AutoModel;
+* the export's README.md is the model_cards/ template with the numbers the export measured.
 """
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +71,32 @@ def test_non_finite_loss_stops_with_step_terms_and_checkpoint(tmp_path, manifest
     assert rc == 3
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "non-finite loss at step" in msg and "'cls'" in msg and "checkpoint_0000000" in msg, msg
+
+
+def _check_export_card(folder: Path, checkpoint: Path, samples: int) -> str:
+    """The exported README.md: rendered from model_cards/ (ModelCardData front matter), parses back with
+    huggingface_hub.ModelCard, has a licence, every template section and the numbers the export measured."""
+    from huggingface_hub import ModelCard
+
+    from conversion.model_card import SECTIONS, validate_card
+
+    card = ModelCard.load(folder / "README.md")
+    validate_card(folder / "README.md", require_verification=True)
+    assert card.data.license == "apache-2.0"  # trained from random initialisation (no init_from)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
+    assert card.data.model_name == folder.name and "openus_hub" in card.data.tags
+    assert [line[3:] for line in card.text.splitlines() if line.startswith("## ")] == list(SECTIONS)
+    text = card.text
+    assert "Not for clinical diagnosis" in text and "**This model is not a medical device.**" in text
+    assert f'"samples": {samples}' in text and f"{samples} samples" in text  # manifest summary (JSON + table)
+    assert "Training configuration:" in text and "global_size: 64" in text
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() in text
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() in text
+    assert "Maximum absolute difference measured: **0.00e+00**" in text  # weights and features reproduced exactly
+    rows = re.findall(r"^\| (saved model.safetensors|reloaded folder)[^|]*\| [^|]* \| ([0-9.e+-]+) \|", text, re.M)
+    assert [(r[0], float(r[1])) for r in rows] == [("saved model.safetensors", 0.0), ("reloaded folder", 0.0)]
+    assert "CC BY-NC 4.0" not in text.split("## Out-of-scope use")[1].split("## Bias")[0]
+    return text
 
 
 def _torchrun(out: Path, manifest: Path, *extra: str) -> list[str]:
@@ -131,8 +160,8 @@ def test_torchrun_interrupt_resume_equals_uninterrupted_then_export(tmp_path, ma
     for k, v in model.state_dict().items():
         assert torch.equal(v, b["teacher"]["backbone." + k]), k
     processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
-    card = (tmp_path / "hf" / "README.md").read_text()
-    assert "Not for clinical diagnosis" in card and '"samples": 8' in card and "batch_size_per_gpu: 2" in card
+    text = _check_export_card(tmp_path / "hf", run / "checkpoints" / "checkpoint_00000030.pth", samples=8)
+    assert "step 30 (epoch 15, 2 process(es))" in text and "batch_size_per_gpu: 2" in text
     with torch.no_grad():
         feats = model(**processor(torch.zeros(3, 64, 64, dtype=torch.uint8), return_tensors="pt"))
     assert torch.isfinite(feats.last_hidden_state).all()
@@ -145,6 +174,9 @@ def test_quickstart_produces_its_files(tmp_path, caplog):
         assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4"]) == 0
     assert "NOT a useful pretrained model" in caplog.text
     assert (tmp_path / "exported" / "model.safetensors").is_file() and (tmp_path / "frame_similarity.png").is_file()
+    from training.utils.checkpoint import latest_checkpoint
+
+    _check_export_card(tmp_path / "exported", latest_checkpoint(tmp_path / "run" / "checkpoints"), samples=4)
     assert sorted(p.name for p in (tmp_path / "run" / "figures").iterdir())
     # a second run refuses to replace the first one's files unless told to
     before = (tmp_path / "exported" / "model.safetensors").read_bytes()
