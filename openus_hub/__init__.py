@@ -4,6 +4,7 @@ Importing the package registers every model with the transformers Auto classes, 
 ``AutoModel.from_pretrained(folder)`` works without ``trust_remote_code``.
 """
 
+import importlib.util as _importlib_util
 import logging as _logging
 
 from .models import (
@@ -29,6 +30,12 @@ from .pretrained import list_models, list_pretrained, register_pretrained
 from .version import __version__
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+# with timm installed, the backbones are timm models too: timm.create_model("openus_small", features_only=True)
+if _importlib_util.find_spec("timm") is not None:
+    from . import timm_models as _timm_models
+
+    _timm_models.register()
 
 __all__ = [
     "AutoBackbone",
