@@ -179,9 +179,14 @@ def test_folder_loads_with_plain_transformers_and_processor_matches_transkd_inpu
 
     ds = pydicom.dcmread(pydicom.examples.get_path("ybr_color"))
     frame = Image.fromarray(ds.pixel_array[0])
-    proc = AutoImageProcessor.from_pretrained(out)
+    # the PIL backend is TransKD's pipeline exactly; where torchvision is installed, transformers defaults to its
+    # backend, whose uint8 resize rounds differently (at most one grey level, 1/255)
+    proc = AutoImageProcessor.from_pretrained(out, backend="pil")
     assert proc.size == {"height": 512, "width": 1024} and not proc.do_normalize
     x = proc(frame, size={"height": 128, "width": 256}, return_tensors="pt").pixel_values
     err = (x - fixtures["images"]["real.pixel_values"]).abs().max().item()
     MEASURED["processor vs fixture real input"] = err
     assert err <= 1e-6, err
+    default = AutoImageProcessor.from_pretrained(out)
+    x = default(frame, size={"height": 128, "width": 256}, return_tensors="pt").pixel_values
+    assert (x - fixtures["images"]["real.pixel_values"]).abs().max().item() <= 1 / 255 + 1e-6
