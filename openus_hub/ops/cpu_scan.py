@@ -9,7 +9,7 @@ never exist in memory. The softplus of the step sizes is computed inside the loo
 Layouts (all float32, contiguous; ``p = h * W + w`` is the row-major position, ``K = 4`` directions):
 
 * ``u``      ``(B, L, D)``        the scanned input, shared by the four directions
-* ``dt``     ``(K, ceil(D/16), B*L, 16)``  step sizes before bias and softplus, blocked by 16 channels (zero-padded):
+* ``dt``     ``(K, B*L, Dp)``     step sizes before bias and softplus, channels zero-padded to a multiple of 16:
   ``delta = softplus(dt + bias)``
 * ``bias``   ``(K, D)``
 * ``bc``     ``(B, L, K, 2N)``    per-direction B (first N) and C (last N)
@@ -127,9 +127,8 @@ Inputs make_inputs(const torch::Tensor& u, const torch::Tensor& dt, const torch:
   Inputs in{u.data_ptr<float>(), dt.data_ptr<float>(), bias.data_ptr<float>(), bc.data_ptr<float>(),
             A.data_ptr<float>(), Dskip.data_ptr<float>(), u.size(0), u.size(1), u.size(2), dt.size(0), A.size(2)};
   TORCH_CHECK(in.K == 4 && bc.size(2) == 4, "fused scan: expected 4 directions");
-  TORCH_CHECK(dt.dim() == 4 && dt.size(1) == (in.D + DBLK - 1) / DBLK && dt.size(2) == in.Bn * in.L &&
-                  dt.size(3) == DBLK,
-              "fused scan: dt must be blocked as (4, ceil(D / 16), B * L, 16)");
+  TORCH_CHECK(dt.dim() == 3 && dt.size(1) == in.Bn * in.L && dt.size(2) == (in.D + DBLK - 1) / DBLK * DBLK,
+              "fused scan: dt must be (4, B * L, D rounded up to a multiple of 16)");
   TORCH_CHECK(bc.size(3) == 2 * in.N, "fused scan: bc must hold B then C (2 * d_state values)");
   return in;
 }
@@ -195,7 +194,7 @@ template <int64_t NS>
 void scan_fwd_task(const Inputs& in, const int32_t* order, int64_t b, int64_t bi, float* ub, float* yb, vf* h,
                    Block& blk, float* py) {
   const int64_t Bn = in.Bn, L = in.L, D = in.D, K = in.K, N = NS > 0 ? NS : in.N;
-  const int64_t nblk = (D + DBLK - 1) / DBLK, d0 = bi * DBLK, nd = std::min(DBLK, D - d0);
+  const int64_t Dp = (D + DBLK - 1) / DBLK * DBLK, d0 = bi * DBLK, nd = std::min(DBLK, D - d0);
   gather_block(in.u, b, L, D, d0, nd, ub);
   std::fill(yb, yb + L * DBLK, 0.f);
   vf x[NV], dl[NV];
@@ -203,12 +202,12 @@ void scan_fwd_task(const Inputs& in, const int32_t* order, int64_t b, int64_t bi
     blk.load(in, k, d0, nd);
     std::fill(h, h + N * NV, vf{});
     const int32_t* ord = order + k * L;
-    const float* dtk = in.dt + ((k * nblk + bi) * Bn + b) * L * DBLK;
+    const float* dtk = in.dt + (k * Bn + b) * L * Dp + d0;
     const float* bck = in.bc + b * L * K * 2 * N + k * 2 * N;
     for (int64_t l = 0; l < L; ++l) {
       const int64_t p = ord[l];
       const float* bcp = bck + p * K * 2 * N;
-      step_delta(dtk + p * DBLK, blk, x, dl);
+      step_delta(dtk + p * Dp, blk, x, dl);
       for (int64_t j = 0; j < NV; ++j) {
         const vf uj = vload(ub + p * DBLK + j * VL);
         vf yj = vload(yb + p * DBLK + j * VL) + blk.dskip[j] * uj;
@@ -228,8 +227,8 @@ void scan_fwd_task(const Inputs& in, const int32_t* order, int64_t b, int64_t bi
 }  // namespace
 
 // y (B, L, D) = sum over the 4 directions of the selective scan of u; direction k uses
-// delta = softplus(dt[k] + bias[k]), B = bc[..., k, :N] and C = bc[..., k, N:]. dt is blocked by channel,
-// (K, nblk, B * L, DBLK), so each task reads its step sizes sequentially.
+// delta = softplus(dt[k] + bias[k]), B = bc[..., k, :N] and C = bc[..., k, N:]. dt is (K, B * L, Dp) with the
+// channels zero-padded to a whole number of blocks, so every task reads full vectors.
 torch::Tensor scan_fwd(torch::Tensor u, torch::Tensor dt, torch::Tensor bias, torch::Tensor bc, torch::Tensor A,
                        torch::Tensor Dskip, int64_t H, int64_t W) {
   const Inputs in = make_inputs(u, dt, bias, bc, A, Dskip);
@@ -253,14 +252,14 @@ torch::Tensor scan_fwd(torch::Tensor u, torch::Tensor dt, torch::Tensor bias, to
   return y;
 }
 
-// gradients: u (B, L, D), dt (K, nblk, B * L, DBLK), bias (K, D), bc (B, L, K, 2N), A (K, D, N), Dskip (K, D)
+// gradients: u (B, L, D), dt (K, B * L, Dp), bias (K, D), bc (B, L, K, 2N), A (K, D, N), Dskip (K, D)
 std::vector<torch::Tensor> scan_bwd(torch::Tensor gy, torch::Tensor u, torch::Tensor dt, torch::Tensor bias,
                                     torch::Tensor bc, torch::Tensor A, torch::Tensor Dskip, int64_t H, int64_t W) {
   const Inputs in = make_inputs(u, dt, bias, bc, A, Dskip);
   const auto order = scan_orders(H, W);
-  const int64_t Bn = in.Bn, L = in.L, D = in.D, K = in.K, N = in.N, nblk = (D + DBLK - 1) / DBLK;
+  const int64_t Bn = in.Bn, L = in.L, D = in.D, K = in.K, N = in.N, nblk = (D + DBLK - 1) / DBLK, Dp = nblk * DBLK;
   auto gu = torch::empty_like(u);
-  auto gdt = torch::empty_like(dt);  // padded lanes get exact zeros
+  auto gdt = torch::empty_like(dt);  // padded channels get exact zeros
   // per-channel-block / per-batch partial sums, reduced below (no atomics, deterministic)
   auto gbc = torch::zeros({nblk, Bn, L, K, 2 * N}, u.options());
   auto gA = torch::zeros({Bn, K, D, N}, u.options());
@@ -285,7 +284,7 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor gy, torch::Tensor u, torch::Te
         for (int64_t l = 0; l < L; ++l) {  // forward recurrence, keeping every state
           const int64_t p = ord[l];
           const float* bcp = in.bc + ((b * L + p) * K + k) * 2 * N;
-          step_delta(in.dt + (((k * nblk + bi) * Bn + b) * L + p) * DBLK, blk, x, dl);
+          step_delta(in.dt + ((k * Bn + b) * L + p) * Dp + d0, blk, x, dl);
           for (int64_t j = 0; j < NV; ++j) {
             const vf du = dl[j] * vload(&ub[p * DBLK + j * VL]);
             for (int64_t n = 0; n < N; ++n)
@@ -301,7 +300,7 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor gy, torch::Tensor u, torch::Te
           const int64_t p = ord[l];
           const float* bcp = in.bc + ((b * L + p) * K + k) * 2 * N;
           float* gbcp = pgbc + (((bi * Bn + b) * L + p) * K + k) * 2 * N;
-          step_delta(in.dt + (((k * nblk + bi) * Bn + b) * L + p) * DBLK, blk, x, dl);
+          step_delta(in.dt + ((k * Bn + b) * L + p) * Dp + d0, blk, x, dl);
           for (int64_t j = 0; j < NV; ++j) {
             const vf uj = vload(&ub[p * DBLK + j * VL]), gyj = vload(&gyb[p * DBLK + j * VL]);
             gdl[j] = vf{};
@@ -326,7 +325,7 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor gy, torch::Tensor u, torch::Te
             gbcp[n] += vsum(sum_gb);
             gbcp[N + n] += vsum(sum_gc);
           }
-          float* gdtp = pgdt + (((k * nblk + bi) * Bn + b) * L + p) * DBLK;
+          float* gdtp = pgdt + ((k * Bn + b) * L + p) * Dp + d0;
           for (int64_t j = 0; j < NV; ++j) vstore(gdtp + j * VL, gdl[j] * vsigmoid(x[j]));
         }
         for (int64_t j = 0; j < NV; ++j) vstore(&tmp[j * VL], gd[j]);
@@ -339,7 +338,7 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor gy, torch::Tensor u, torch::Te
       scatter_block(gub.data(), b, L, D, d0, nd, pgu);
     }
   });
-  auto gbias = gdt.sum(2).reshape({K, nblk * DBLK}).narrow(1, 0, D);
+  auto gbias = gdt.sum(1).narrow(1, 0, D);
   return {gu, gdt, gbias, gbc.sum(0), gA.sum(0), gD.sum(0)};
 }
 """
@@ -382,7 +381,7 @@ def _load():
             from torch.utils.cpp_extension import load_inline
 
             isa = _isa_flags()
-            name = "openus_hub_cpu_scan_v13" + ("_avx2" if isa else "")
+            name = "openus_hub_cpu_scan_v14" + ("_avx2" if isa else "")
             logger.info("compiling the OpenUS CPU scan kernel (%s, once per machine)", name)
             _module = load_inline(
                 name=name,

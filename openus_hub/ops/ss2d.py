@@ -117,11 +117,10 @@ def cross_selective_scan(
         nblk = -(-channels // block)
         flat = u.reshape(batch, length, channels)  # [B, L, D]
         x_dbl = (flat @ x_proj_weight.reshape(-1, channels).t()).view(batch, length, k, -1)  # [B, L, K, R+2N]
-        dts = x_dbl[..., :rank].permute(2, 0, 1, 3).reshape(k, 1, batch * length, rank)  # [K, 1, B*L, R]
-        # step-size projection straight into the kernel's channel-blocked layout (zero-padded to whole blocks)
-        weight = F.pad(dt_proj_weight, (0, 0, 0, nblk * block - channels))  # [K, nblk*16, R]
-        weight = weight.view(k, nblk, block, rank).transpose(2, 3)  # [K, nblk, R, 16]
-        dt = torch.matmul(dts, weight)  # [K, nblk, B*L, 16]
+        dts = x_dbl[..., :rank].permute(2, 0, 1, 3).reshape(k, batch * length, rank)  # [K, B*L, R]
+        # the kernel reads whole 16-channel vectors: zero-pad the step-size projection's output channels
+        weight = dt_proj_weight if channels % block == 0 else F.pad(dt_proj_weight, (0, 0, 0, nblk * block - channels))
+        dt = torch.bmm(dts, weight.transpose(1, 2))  # [K, B*L, Dp]
         y = fused_cross_scan_cpu(
             flat, dt, dt_proj_bias, x_dbl[..., rank:], A.view(k, channels, -1), D.view(k, channels), height, width
         )
