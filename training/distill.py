@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import subprocess
 import time
@@ -39,7 +38,7 @@ from training.kd.data import (
     SegmentationFolderDataset,
 )
 from training.kd.distiller import TransKDDistiller
-from training.kd.features import TeacherFeatures, hierarchical_channels
+from training.kd.features import TeacherFeatures
 from training.kd.metrics import IoUAccumulator
 from training.kd.student import apply_upstream_numerics, build_student, segformer_config
 from training.losses import ERFNET_CITYSCAPES_WEIGHTS, TransKDLoss, WeightedCrossEntropyLoss

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from openus_hub import (OpenUSConfig, OpenUSForImageClassification, OpenUSForSemanticSegmentation,
                         OpenUSImageProcessorPil, OpenUSModel)
@@ -36,7 +35,7 @@ from .evaluate import (finish_classification, finish_segmentation, markdown_tabl
                        run_segmentation, summarize)
 from .utils import checkpoint as ckpt_utils
 from .utils import distributed as du
-from .utils.pretrain_config import _merge, dump_config
+from .utils.pretrain_config import _merge, dump_config, load_config
 
 logger = logging.getLogger("training.downstream")
 FORMAT = "openus_hub.downstream/1"
@@ -80,24 +79,7 @@ class NonFiniteLossError(RuntimeError):
 
 def load_downstream_config(task: str, path: str | Path | None, overrides: list[str] = ()) -> dict:
     """defaults <- task defaults <- YAML <- ``key=value`` overrides (values parsed as YAML)."""
-    cfg = _merge(copy.deepcopy(COMMON_DEFAULTS), copy.deepcopy(TASK_DEFAULTS[task]))
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            _merge(cfg, yaml.safe_load(f) or {})
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        parts = key.strip().split(".")
-        if parts[0] == "model" and len(parts) > 2 and parts[1] == "overrides":
-            cfg["model"]["overrides"][".".join(parts[2:])] = yaml.safe_load(raw)
-            continue
-        nested: dict = {}
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-        _merge(cfg, nested)
+    cfg = load_config(path, overrides, defaults=_merge(copy.deepcopy(COMMON_DEFAULTS), copy.deepcopy(TASK_DEFAULTS[task])))
     if cfg["task"] != task:
         raise ValueError(f"config is for task {cfg['task']!r}, this script trains {task!r}")
     if cfg["train"]["mode"] not in ("frozen", "full"):

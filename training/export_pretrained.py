@@ -13,7 +13,6 @@ pretraining-only and are left out.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -25,19 +24,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from conversion._common import sha256_file
 from openus_hub import OpenUSConfig, OpenUSImageProcessorPil, OpenUSModel
 
 from .utils.checkpoint import load
 
 logger = logging.getLogger("training.export_pretrained")
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def card_metadata(state: dict, checkpoint: str | Path, network: str, name: str, num_params: int) -> dict:
@@ -122,8 +114,8 @@ def _verify(model: OpenUSModel, state: dict, network: str, folder: Path, checkpo
         raise RuntimeError(f"exported folder differs from the checkpoint: weights {weights_diff:.3e}, "
                            f"features {feat_diff:.3e}")
     return {
-        "source_file": Path(checkpoint).name, "source_sha256": _sha256(checkpoint),
-        "converter": "training.export_pretrained", "weights_sha256": _sha256(folder / "model.safetensors"),
+        "source_file": Path(checkpoint).name, "source_sha256": sha256_file(checkpoint),
+        "converter": "training.export_pretrained", "weights_sha256": sha256_file(folder / "model.safetensors"),
         "checks": [
             {"check": f"saved model.safetensors vs the checkpoint's {network} backbone tensors",
              "input": f"{len(reloaded.state_dict())} tensors", "max_abs_diff": weights_diff, "tolerance": 0.0},

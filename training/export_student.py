@@ -13,7 +13,6 @@ Upload with `openus-hub push` (Hub issue).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
+from conversion._common import sha256_file
 from training.utils.checkpoint import load as load_checkpoint
 from training.kd.flops import count_flops, count_parameters
 
@@ -87,14 +87,6 @@ STREET_SCENES = ("cityscapes", "acdc")
 DATA_LICENCES = {"cityscapes": "Cityscapes terms of use: non-commercial research, registration required",
                  "acdc": "ACDC terms of use: non-commercial research, registration required: verify"}
 FLOPS_RULE = "FLOPs = module MACs at 1x3x512x1024, no attention matmuls or upsampling, as TransKD"
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dataset_label(d: dict) -> str:
@@ -235,8 +227,8 @@ def card_metadata(ckpt: dict, numbers: dict, name: str | None = None) -> dict:
 def verification(ckpt: dict, checkpoint: str | Path, folder: Path, numbers: dict, input_desc: str) -> dict:
     eps = ckpt["config"]["student"]["upstream_layer_norm_eps"]
     return {
-        "source_file": Path(checkpoint).name, "source_sha256": _sha256(checkpoint),
-        "converter": "training.export_student", "weights_sha256": _sha256(folder / "model.safetensors"),
+        "source_file": Path(checkpoint).name, "source_sha256": sha256_file(checkpoint),
+        "converter": "training.export_student", "weights_sha256": sha256_file(folder / "model.safetensors"),
         "checks": [{"check": "exported folder reloaded with stock transformers vs the student as trained, logits",
                     "input": input_desc, "max_abs_diff": numbers["export_max_abs_diff"], "tolerance": None}],
         "notes": [f"max |logit difference| between the trained student and this exported folder: "

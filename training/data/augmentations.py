@@ -28,9 +28,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    width, height = img.size
+def random_resized_crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop's box sampling (10 tries, then a centre crop): (left, top, right, bottom)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -41,17 +41,22 @@ def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],
         if 0 < w <= width and 0 < h <= height:
             top = rng.randint(0, height - h)
             left = rng.randint(0, width - w)
-            break
-    else:  # centre crop at the nearest allowed ratio
-        in_ratio = width / height
-        if in_ratio < min(ratio):
-            w, h = width, int(round(width / min(ratio)))
-        elif in_ratio > max(ratio):
-            w, h = int(round(height * max(ratio))), height
-        else:
-            w, h = width, height
-        top, left = (height - h) // 2, (width - w) // 2
-    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            return left, top, left + w, top + h
+    in_ratio = width / height  # centre crop at the nearest allowed ratio
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    box = random_resized_crop_box(*img.size, rng, scale, ratio)
+    return img.resize((size, size), Image.BICUBIC, box=box)
 
 
 def _adjust_hue(img: Image.Image, factor: float) -> Image.Image:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .augmentations import to_normalized_tensor
+from .augmentations import random_resized_crop_box, to_normalized_tensor
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BUSI_CLASSES = ("benign", "malignant", "normal")
@@ -231,32 +231,11 @@ def mask_to_labels(mask: Image.Image, rule: str = "eq255") -> torch.Tensor:
     return torch.from_numpy(out.astype(np.int64))
 
 
-def _rrc_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple:
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-            return left, top, left + w, top + h
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    top, left = (height - h) // 2, (width - w) // 2
-    return left, top, left + w, top + h
-
-
 def classification_transform(img: Image.Image, size: int, train: bool, rng: random.Random | None) -> torch.Tensor:
     """§3.1: train ``Resize((s, s))`` -> ``RandomResizedCrop(s)`` (scale 0.08-1, bilinear) -> HFlip; eval Resize."""
     img = img.convert("RGB").resize((size, size), Image.BILINEAR)
     if train:
-        img = img.resize((size, size), Image.BILINEAR, box=_rrc_box(size, size, rng))
+        img = img.resize((size, size), Image.BILINEAR, box=random_resized_crop_box(size, size, rng))
         if rng.random() < 0.5:
             img = ImageOps.mirror(img)
     return to_normalized_tensor(img)

@@ -53,8 +53,9 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
     return base
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
+def load_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None) -> dict:
+    """``defaults`` (pretraining's unless given) <- YAML file <- ``key=value`` overrides (values parsed as YAML)."""
+    cfg = copy.deepcopy(DEFAULTS if defaults is None else defaults)
     if path is not None:
         with open(path, encoding="utf-8") as f:
             _merge(cfg, yaml.safe_load(f) or {})
