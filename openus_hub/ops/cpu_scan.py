@@ -379,19 +379,29 @@ def _load():
             return None
         try:
             from torch.utils.cpp_extension import load_inline
-
+        except Exception as err:
+            _failed = f"{type(err).__name__}: {err}"
+        else:
             isa = _isa_flags()
-            name = "openus_hub_cpu_scan_v14" + ("_avx2" if isa else "")
-            logger.info("compiling the OpenUS CPU scan kernel (%s, once per machine)", name)
-            _module = load_inline(
-                name=name,
-                cpp_sources=[_CPP_DECLS + _CPP_SOURCE],
-                functions=["scan_fwd", "scan_bwd"],
-                extra_cflags=["-O3", *isa],
-                verbose=False,
-            )
-        except Exception as err:  # no compiler, no ninja, read-only cache, ...
-            _failed = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            # at::parallel_for is OpenMP in headers: without -fopenmp the kernel would run on one thread. Compilers
+            # without OpenMP (e.g. Apple clang) get the single-threaded build instead.
+            for parallel in (["-fopenmp"], []):
+                name = "openus_hub_cpu_scan_v15" + ("_avx2" if isa else "") + ("_omp" if parallel else "")
+                logger.info("compiling the OpenUS CPU scan kernel (%s, once per machine)", name)
+                try:
+                    _module = load_inline(
+                        name=name,
+                        cpp_sources=[_CPP_DECLS + _CPP_SOURCE],
+                        functions=["scan_fwd", "scan_bwd"],
+                        extra_cflags=["-O3", *isa, *parallel],
+                        extra_ldflags=parallel,
+                        verbose=False,
+                    )
+                    _failed = None
+                    break
+                except Exception as err:  # no compiler, no ninja, no OpenMP, read-only cache, ...
+                    _failed = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        if _module is None:
             logger.warning(
                 "OpenUS CPU scan kernel unavailable (%s); using the slower PyTorch reference scan. "
                 "Install a C++ compiler and `pip install ninja` for the fast path.",
