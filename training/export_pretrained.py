@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
-from conversion._common import sha256_file
+from conversion._common import save_atomic, sha256_file
+from conversion.model_card import write_card
 from openus_hub import OpenUSConfig, OpenUSImageProcessorPil, OpenUSModel
 
 from .utils.checkpoint import load
@@ -147,25 +145,15 @@ def export(checkpoint: str | Path, output_dir: str | Path, network: str = "teach
     model.eval()
 
     output_dir = Path(output_dir).resolve()
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} is not empty; pass --overwrite")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".openus-export-", dir=output_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        size = image_size or state["config"]["data"]["global_size"]
-        OpenUSImageProcessorPil(size={"height": size, "width": size}).save_pretrained(tmp)
-        from conversion.model_card import write_card
+    size = image_size or state["config"]["data"]["global_size"]
 
-        verification = _verify(model, state, network, tmp, checkpoint, size)
+    def finalize(tmp: str) -> None:  # processor, reload check and card, before the folder is swapped in
+        OpenUSImageProcessorPil(size={"height": size, "width": size}).save_pretrained(tmp)
+        verification = _verify(model, state, network, Path(tmp), checkpoint, size)
         meta = card_metadata(state, checkpoint, network, output_dir.name, sum(p.numel() for p in model.parameters()))
         write_card(tmp, meta, verification)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    save_atomic(model, str(output_dir), overwrite=overwrite, finalize=finalize)
     return output_dir
 
 
@@ -178,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = export(args.checkpoint, args.output_dir, args.network, args.image_size, args.overwrite)
+    try:
+        out = export(args.checkpoint, args.output_dir, args.network, args.image_size, args.overwrite)
+    except ValueError as err:  # not a pretraining checkpoint, or a non-empty --output-dir without --overwrite
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logger.info("exported the %s backbone of %s -> %s", args.network, args.checkpoint, out)
     return 0
 
