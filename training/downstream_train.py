@@ -14,11 +14,8 @@ import copy
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -284,6 +281,7 @@ def export(net: DownstreamNet, cfg: dict, out_dir: Path, test: dict, sample_batc
     """``save_pretrained`` of the best model + processor + card; the card records the reload round-trip check."""
     from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
+    from conversion._common import save_atomic
     from conversion.model_card import write_card
 
     task = cfg["task"]
@@ -293,9 +291,8 @@ def export(net: DownstreamNet, cfg: dict, out_dir: Path, test: dict, sample_batc
             model.classifier.weight.mul_(net.feature_scale)
     model.openus.requires_grad_(True)
     folder = out_dir / "model"
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
-    try:
-        model.save_pretrained(tmp)
+
+    def finalize(tmp: str) -> None:  # processor, reload check and card, before the folder is swapped in
         size = cfg["data"]["image_size"]
         OpenUSImageProcessorPil(size={"height": size, "width": size}).save_pretrained(tmp)
         auto = AutoModelForSemanticSegmentation if task == "segmentation" else AutoModelForImageClassification
@@ -316,12 +313,9 @@ def export(net: DownstreamNet, cfg: dict, out_dir: Path, test: dict, sample_batc
         write_card(tmp, meta, verification)
         (out_dir / "export_card.json").write_text(json.dumps({"meta": meta, "verification": verification}, indent=2),
                                                  encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    # the run's own export folder: replaced on every export (old folder moved aside, then removed)
+    save_atomic(model, str(folder), overwrite=True, finalize=finalize)
     return folder
 
 
