@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
+
+from openus_hub.auto import sha256_file  # one implementation for the library, converters and exports
 
 __all__ = ["ConversionError", "save_atomic", "sha256_file"]
 
@@ -40,11 +41,3 @@ def save_atomic(model, output_dir: str, overwrite: bool = False, finalize=None) 
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

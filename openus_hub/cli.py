@@ -25,14 +25,6 @@ FORMAT_VERSION = 1
 _MANIFEST_KEYS = ("source", "frame_index", "height", "width", "channels", "crop_box", "sha256")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _model_fingerprint(model: Any) -> str:
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "transformers_version", "architectures", "auto_map", "dtype", "torch_dtype"):
@@ -129,6 +121,7 @@ def _embed(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor, AutoModel
 
+    from .auto import sha256_file
     from .features import embed_items, expand_input
     from .io import find_inputs
 
