@@ -268,6 +268,9 @@ def test_full_size_head_matches_upstream_count():
     head = OpenUSMambaDecoder(OpenUSConfig())  # the head alone: no need to build the 49M-parameter backbone
     assert sum(p.numel() for p in head.parameters()) == 10_241_408
     assert len(head.state_dict()) == 292
+    with torch.device("meta"):  # the whole model also builds on the meta device (drop-path rates computed on CPU)
+        model = OpenUSForSemanticSegmentation(OpenUSConfig())
+    assert sum(p.numel() for p in model.decoder.parameters()) == 10_241_408
 
 
 # ------------------------------------------------------------------------------------------------ post-processing

@@ -55,6 +55,19 @@ class OpenUSDropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
+def _drop_path_rates(rate: float, count: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 to ``rate`` over ``count`` blocks (computed on the CPU, so models can
+    also be built on the meta device)."""
+    return torch.linspace(0, rate, count, device="cpu").tolist()
+
+
+def _bilinear_channels_last(x: torch.Tensor, size=None, scale_factor=None) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of a channel-last tensor (B, H, W, C)."""
+    x = F.interpolate(x.permute(0, 3, 1, 2), size=size, scale_factor=scale_factor, mode="bilinear",
+                      align_corners=False)
+    return x.permute(0, 2, 3, 1)
+
+
 def _conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Apply a Conv2d to a channel-last tensor: (B, H, W, C) -> (B, H', W', C').
 
@@ -243,7 +256,7 @@ class OpenUSEncoder(nn.Module):
 
     def __init__(self, config: OpenUSConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
+        rates = _drop_path_rates(config.drop_path_rate, sum(config.depths))
         starts = [sum(config.depths[:i]) for i in range(config.num_stages)]
         self.stages = nn.ModuleList(
             OpenUSStage(config, i, rates[s : s + d]) for i, (s, d) in enumerate(zip(starts, config.depths))
@@ -513,9 +526,7 @@ class OpenUSUpsampleExpand(nn.Module):
         self.norm = nn.LayerNorm(dim // 2, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x).permute(0, 3, 1, 2)  # [B, C/2, H, W]
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-        return self.norm(x)  # [B, 2H, 2W, C/2]
+        return self.norm(_bilinear_channels_last(self.linear(x), scale_factor=2))  # [B, 2H, 2W, C/2]
 
 
 class OpenUSFinalUpsample(nn.Module):
@@ -530,8 +541,7 @@ class OpenUSFinalUpsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for linear in (self.linear1, self.linear2):
-            x = linear(x).permute(0, 3, 1, 2)  # [B, C, H, W]
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+            x = _bilinear_channels_last(linear(x), scale_factor=2)  # [B, 2H, 2W, C]
         return self.norm(x)  # [B, 4H, 4W, C]
 
 
@@ -619,7 +629,7 @@ class OpenUSMambaDecoder(nn.Module):
     def __init__(self, config: OpenUSConfig):
         super().__init__()
         sizes, depths = config.decoder_hidden_sizes, config.decoder_depths
-        rates = torch.linspace(0, config.decoder_drop_path_rate, sum(depths)).tolist()
+        rates = _drop_path_rates(config.decoder_drop_path_rate, sum(depths))
         self.patch_expand = OpenUSPatchExpand(config, sizes[-1])
         levels = range(config.num_stages - 2, -1, -1)
         self.stages = nn.ModuleList(
@@ -636,8 +646,7 @@ class OpenUSMambaDecoder(nn.Module):
         for j, stage in enumerate(self.stages):
             skip = features[len(features) - 2 - j]  # [B, H_l, W_l, C_l]
             if y.shape[1:3] != skip.shape[1:3]:
-                y = F.interpolate(y.permute(0, 3, 1, 2), size=skip.shape[1:3], mode="bilinear", align_corners=False)
-                y = y.permute(0, 2, 3, 1)
+                y = _bilinear_channels_last(y, size=skip.shape[1:3])
             y = stage(y + skip)
         y = self.final_upsample(self.norm(y))  # [B, 4H_0, 4W_0, C_0]
         return self.classifier(y.permute(0, 3, 1, 2))  # [B, num_labels, 4H_0, 4W_0]
