@@ -31,6 +31,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 __all__ = [
     "DEFAULT_ORG",
     "OpenUSHubError",
@@ -134,7 +136,7 @@ _OPENUS_CONVERT = (
     "python conversion/convert_openus_to_hf.py --checkpoint checkpoint0100.pth --output-dir {name}"
     "   # upstream weights are not released yet (XZheng0427/OpenUS issue #4)"
 )
-_OPENUS_MEAN, _OPENUS_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_OPENUS_MEAN, _OPENUS_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)  # upstream's normalisation
 
 
 def _openus(name: str, status: str, description: str, how: str) -> PretrainedEntry:
