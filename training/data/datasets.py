@@ -35,7 +35,7 @@ def build_manifest(inputs: list[str | Path], output: str | Path, frame_stride: i
             rel = path.relative_to(output.parent)
         except ValueError:
             rel = path
-        if is_dicom_file(path) or path.suffix.lower() in (".dcm", ".dicom"):
+        if is_dicom_file(path):  # DICOM marker or extension
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             n = int(ds.get("NumberOfFrames", 1) or 1)
             lines += [f"{rel}\t{i}" for i in range(0, n, frame_stride)]
