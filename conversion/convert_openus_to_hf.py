@@ -535,11 +535,10 @@ def _card_name(config_kwargs: dict) -> str:
 def _card_writer(model, args, report):
     """``finalize`` for save_atomic: self-check the saved folder, then write README.md with the measured numbers."""
     def finalize(folder: str) -> None:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        try:
+        if __package__:  # imported as the `conversion` package
+            from .model_card import CardError, write_card
+        else:  # run as a script: this folder is on sys.path
             from model_card import CardError, write_card
-        finally:
-            sys.path.pop(0)
         checks = self_check(model, folder)
         report["self_check_max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
         sources = [args.checkpoint] + ([args.seg_head] if args.seg_head not in (None, SEG_HEAD_FROM_CHECKPOINT) else [])

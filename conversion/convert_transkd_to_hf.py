@@ -347,11 +347,10 @@ def save(model, report: dict, args) -> None:
         if card is None:
             raise ConversionError("--variant b0 is a plain student with no named card; pass --card-name NAME "
                                   "(a file in model_cards/) or --no-card")
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        try:
+        if __package__:  # imported as the `conversion` package
+            from .model_card import CardError, write_card
+        else:  # run as a script: this folder is on sys.path
             from model_card import CardError, write_card
-        finally:
-            sys.path.pop(0)
         n_dropped = sum(len(v) for v in report["dropped"].values())
         verification = {
             "source_file": os.path.basename(args.checkpoint), "source_sha256": sha256_file(args.checkpoint),

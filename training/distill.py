@@ -13,22 +13,22 @@ Spec: ../shared/specs/transkd.md §3-§5; README_distill.md documents the recipe
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
-from training.kd.checkpoint import all_reduce_sum, rng_state, set_rng_state
-from training.utils.checkpoint import load as load_checkpoint
-from training.utils.checkpoint import save_atomic as atomic_torch_save
-from training.utils.distributed import barrier, init_distributed
+from training.common.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from training.common.config import ConfigError, dump_config, load_config
+from training.common.distributed import all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed
+from training.common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from training.common.progress import finish, progress_bar, redirect_logging
+from training.common.rng import rng_state, seed_everything, set_rng_state
+from training.common.run_info import run_metadata
 from training.kd.data import (
     ACDCDataset,
     CityscapesDataset,
@@ -39,9 +39,9 @@ from training.kd.data import (
 )
 from training.kd.distiller import TransKDDistiller
 from training.kd.features import TeacherFeatures
-from training.kd.metrics import IoUAccumulator
 from training.kd.student import apply_upstream_numerics, build_student, segformer_config
 from training.losses import ERFNET_CITYSCAPES_WEIGHTS, TransKDLoss, WeightedCrossEntropyLoss
+from training.metrics import IoUAccumulator
 
 logger = logging.getLogger("training.distill")
 
@@ -61,6 +61,7 @@ DEFAULTS: dict = {
         "init": "upstream",  # upstream: SegFormer's own init (spec §1.2); transformers: HF's N(0, 0.02)
         "upstream_layer_norm_eps": True,  # spec §9 #9
         "dropout2d": True,  # spec §9 #10
+        "id2label": None,  # class names {index: name}; None: "0", "1", ...
     },
     "kd": {
         "variant": "base",  # base (CSF+PEA) | gl | ea
@@ -118,42 +119,17 @@ DEFAULTS: dict = {
         "log_every_steps": 50,
         "seed": 0,
         "find_unused_parameters": True,  # SK's fc/fc1 alternate with the batch size
+        "progress_bar": True,
     },
 }
 
 
-def _deep_update(base: dict, new: dict) -> dict:
-    for key, value in (new or {}).items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
+FREE_KEYS = ("teacher.config", "student.config", "student.id2label")  # model-config fields and class names
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
-    if path:
-        with open(path) as f:
-            _deep_update(cfg, yaml.safe_load(f) or {})
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override must be key.sub=value, got {item!r}")
-        key, value = item.split("=", 1)
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return cfg
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except Exception:
-        return None
+def load_distill_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """``DEFAULTS`` <- YAML <- ``key.sub=value`` overrides; unknown keys are errors (:class:`ConfigError`)."""
+    return load_config(path, overrides, defaults=DEFAULTS, free=FREE_KEYS)
 
 
 def build_teacher(cfg: dict) -> torch.nn.Module:
@@ -250,14 +226,38 @@ def evaluate(student, loader, num_labels: int, void_class: int | None, ignore_in
     return {"miou": acc.miou(), "iou": [round(float(v), 6) for v in acc.iou()]}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUTPUT_DIR/checkpoints/last.pt if present)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exit status 0, 2 (bad configuration or checkpoint) or 3 (non-finite loss)."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        with redirect_logging():
+            run(args)
+    except NonFiniteLossError as err:
+        logger.error("%s", err)
+        return EXIT_NON_FINITE
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        cleanup()
+    return 0
+
+
+def run(args: argparse.Namespace | list[str]) -> dict:
+    """Train; returns the run state (step, epoch, history, evals, best_miou). Raises ConfigError, CheckpointError,
+    NonFiniteLossError."""
+    if not isinstance(args, argparse.Namespace):
+        args = get_args_parser().parse_args(args)
+    cfg = load_distill_config(args.config, args.overrides)
 
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     tc = cfg["train"]
-    torch.manual_seed(tc["seed"])
+    seed_everything(tc["seed"])
 
     teacher = TeacherFeatures(build_teacher(cfg)).to(device)
     student = build_student_from_cfg(cfg)
@@ -305,31 +305,30 @@ def main(argv: list[str] | None = None) -> dict:
     val_loader = DataLoader(val_set, batch_size=tc["val_batch_size"], sampler=val_sampler,
                             num_workers=cfg["data"]["num_workers"], generator=torch.Generator().manual_seed(tc["seed"]))
 
+    meta = run_metadata(world)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        resolved = dict(cfg, git_sha=git_sha(), world_size=world)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        dump_config(cfg, out_dir / "config.yaml")
 
     def save(name: str) -> None:
-        gathered = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(gathered, rng_state())
-        else:
-            gathered = [rng_state()]
+        gathered = all_gather_object(rng_state())
         if rank == 0:
-            atomic_torch_save({
+            save_checkpoint({
                 "model": distiller.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                 "rng": gathered, "config": cfg, "student_config": student.config.to_dict(),
                 "teacher_config": teacher.teacher.config.to_dict(), "teacher_type": cfg["teacher"]["type"],
-                "teacher_channels": teacher.channels, "git_sha": git_sha(), "world_size": world,
-            }, str(ckpt_dir / name))
+                "teacher_channels": teacher.channels, **meta,
+            }, ckpt_dir / name)
         barrier()
 
     max_steps = tc["max_steps"]
     void = cfg["loss"]["void_class"]
     num_labels = student.config.num_labels
     model.train()
-    t0 = time.time()
+    t0, start_step = time.time(), state["step"]
+    planned = tc["epochs"] * len(loader) if max_steps is None else min(max_steps, tc["epochs"] * len(loader))
+    bar = progress_bar(planned, f"distill ({cfg['kd']['variant']})", initial=state["step"],
+                       enabled=rank == 0 and tc["progress_bar"])
     while state["epoch"] < tc["epochs"] and (max_steps is None or state["step"] < max_steps):
         epoch = state["epoch"]
         lr = epoch_lr(cfg, epoch)
@@ -346,7 +345,11 @@ def main(argv: list[str] | None = None) -> dict:
             out = model(pixels)
             loss, parts = loss_fn(out.logits, labels, out.fused_features, t_feats, out.aligned_embeddings, t_embeds)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {state['step']}")
+                last = ckpt_dir / "last.pt"
+                raise NonFiniteLossError(
+                    f"non-finite loss {loss.item()} at step {state['step']} (epoch {epoch}); terms "
+                    f"{ {k2: float(v) for k2, v in parts.items()} }; last good checkpoint: "
+                    f"{last if last.exists() else 'none saved yet'}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -355,10 +358,12 @@ def main(argv: list[str] | None = None) -> dict:
             record = {"step": state["step"], "epoch": epoch, "lr": lr, "loss": float(loss.detach()),
                       **{k2: float(v) for k2, v in parts.items()}}
             state["history"].append(record)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
             if rank == 0 and (state["step"] % tc["log_every_steps"] == 0 or state["step"] == 1):
-                logger.info("step %d epoch %d lr %.3g loss %.4f ce %.4f hcl %.4f pe %.4f (%.2fs/step)",
+                logger.info("step %d epoch %d lr %.3g loss %.4f ce %.4f hcl %.4f pe %.4f (%.2f s/step)",
                             state["step"], epoch, lr, record["loss"], record["ce"], record["hcl"], record["pe"],
-                            (time.time() - t0) / state["step"])
+                            (time.time() - t0) / (state["step"] - start_step))
             if tc["checkpoint_every_steps"] and state["step"] % tc["checkpoint_every_steps"] == 0:
                 save("last.pt")
             if max_steps is not None and state["step"] >= max_steps:
@@ -375,15 +380,22 @@ def main(argv: list[str] | None = None) -> dict:
                     state["best_miou"] = metrics["miou"]
                     save("best.pt")
         save("last.pt")
+    bar.close()
     if rank == 0:
         summary = {"step": state["step"], "epoch": state["epoch"], "best_miou": state["best_miou"],
                    "last_loss": state["history"][-1]["loss"] if state["history"] else None}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if torch.distributed.is_initialized():
-        barrier()
-        torch.distributed.destroy_process_group()
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        best = ckpt_dir / "best.pt"
+        export_from = best if best.exists() else ckpt_dir / "last.pt"
+        finish(logger, f"{state['step'] - start_step} distillation steps in {time.time() - t0:.1f} s (step "
+                       f"{state['step']}, epoch {state['epoch']}, best val mIoU "
+                       f"{'n/a' if state['best_miou'] < 0 else format(state['best_miou'], '.4f')}): "
+                       f"{ckpt_dir / 'last.pt'}" + (f", {best}" if best.exists() else "")
+                       + f", {out_dir / 'summary.json'}, {out_dir / 'config.yaml'}",
+               f"python -m training.export_student {export_from} --output-dir {out_dir / 'student'}")
+    barrier()
     return state
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

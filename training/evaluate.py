@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .common.config import ConfigError
+from .downstream_config import load_downstream_config
 from .metrics import (PooledSegmentationMeter, classification_metrics, match_offline_pairs, mean_std,
                       offline_dice_iou, offline_summary)
 
@@ -170,8 +172,6 @@ def _model_eval(args, task: str) -> dict:
     import openus_hub  # noqa: F401  (registers the classes)
     from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
-    from .downstream_train import load_downstream_config
-
     cfg = load_downstream_config(task, args.config, args.overrides)
     auto = AutoModelForSemanticSegmentation if task == "segmentation" else AutoModelForImageClassification
     model = auto.from_pretrained(args.model).eval()
@@ -212,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--card", default=None, help="an exported model folder whose README.md gets the table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _run(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
     if args.command in ("segmentation", "classification"):
         if args.command == "classification":
             args.save_masks = None

@@ -25,7 +25,7 @@ from conversion._common import save_atomic, sha256_file
 from conversion.model_card import write_card
 from openus_hub import OpenUSConfig, OpenUSImageProcessorPil, OpenUSModel
 
-from .utils.checkpoint import load
+from .common.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger("training.export_pretrained")
 
@@ -128,7 +128,7 @@ def _verify(model: OpenUSModel, state: dict, network: str, folder: Path, checkpo
 
 def export(checkpoint: str | Path, output_dir: str | Path, network: str = "teacher", image_size: int | None = None,
            overwrite: bool = False) -> Path:
-    state = load(checkpoint)
+    state = load_checkpoint(checkpoint)
     if state.get("format") != "openus_hub.pretrain/1":
         raise ValueError(f"{checkpoint} is not an openus_hub pretraining checkpoint; convert upstream checkpoints "
                          "with conversion/convert_openus_to_hf.py")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export(args.checkpoint, args.output_dir, args.network, args.image_size, args.overwrite)
-    except ValueError as err:  # not a pretraining checkpoint, or a non-empty --output-dir without --overwrite
+    except ValueError as err:  # CheckpointError, not a pretraining checkpoint, a non-empty --output-dir without --overwrite
         print(f"error: {err}", file=sys.stderr)
         return 2
     logger.info("exported the %s backbone of %s -> %s", args.network, args.checkpoint, out)

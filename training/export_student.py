@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from conversion._common import sha256_file
-from training.utils.checkpoint import load as load_checkpoint
+from training.common.checkpoint import CheckpointError, load_checkpoint
 from training.kd.flops import count_flops, count_parameters
 
 logger = logging.getLogger("training.export_student")
@@ -280,14 +281,19 @@ def export(checkpoint: str, output_dir: str) -> dict:
     return numbers
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--output-dir", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return export(args.checkpoint, args.output_dir)
+    try:
+        export(args.checkpoint, args.output_dir)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

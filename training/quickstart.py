@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import pretrain
     from .data.datasets import build_manifest
     from .export_pretrained import export
-    from .utils.checkpoint import latest_checkpoint
+    from .common.checkpoint import latest_checkpoint
 
     frames_dir = out / "frames"
     frames_dir.mkdir(parents=True, exist_ok=True)

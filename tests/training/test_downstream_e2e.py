@@ -19,7 +19,8 @@ import openus_hub  # noqa: F401  (registers the classes with transformers)
 from openus_hub.io import read_dicom
 from training import evaluate as ev
 from training import finetune_segmentation, linear_probe
-from training.utils.checkpoint import list_checkpoints, load
+from training.common.checkpoint import list_checkpoints
+from training.common.checkpoint import load_checkpoint as load
 
 SEG_CFG = "training/configs/downstream/debug_cpu_seg.yaml"
 LIN_CFG = "training/configs/downstream/debug_cpu_linear.yaml"

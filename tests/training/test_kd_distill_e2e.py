@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run(config: str, out: Path, *overrides: str) -> dict:
-    return distill.main(["--config", str(CONFIGS / config), "--output-dir", str(out), *overrides])
+    return distill.run(["--config", str(CONFIGS / config), "--output-dir", str(out), *overrides])
 
 
 def _weights(path: Path) -> dict:
@@ -48,7 +48,7 @@ def test_debug_cpu_resume_matches_uninterrupted(tmp_path):
     assert diff <= 1e-6, diff
     for x, y in zip(straight["history"], resumed["history"]):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    assert not any(p.name.startswith(".tmp_") for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert not any(".tmp" in p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
 
 
 BLOCKED_LOADER = r"""
@@ -114,7 +114,7 @@ def test_torchrun_openus_teacher_resume_export_and_plain_load(tmp_path):
     assert [r["step"] for r in ckpt["state"]["history"]] == [1, 2, 3]
 
     export_dir = tmp_path / "export"
-    numbers = export_student.main([str(out / "checkpoints" / "last.pt"), "--output-dir", str(export_dir)])
+    numbers = export_student.export(str(out / "checkpoints" / "last.pt"), str(export_dir))
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in export_dir.iterdir()}
     config = json.loads((export_dir / "config.json").read_text())
     assert config["model_type"] == "segformer" and config["id2label"] == {"0": "background", "1": "fan"}

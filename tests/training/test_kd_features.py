@@ -14,7 +14,7 @@ from training.kd import TransKDDistiller, TransKDModules
 from training.kd.data import CoTransform, CoTransformConfig, fan_mask
 from training.kd.features import FeatureTap, TeacherFeatures, hierarchical_channels
 from training.kd.flops import count_flops, count_parameters
-from training.kd.metrics import IoUAccumulator
+from training.metrics import IoUAccumulator
 from training.kd.student import build_student, segformer_config
 
 TINY = dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], decoder_hidden_size=16, num_labels=2)

@@ -21,7 +21,7 @@ from training.ssl_meta_arch import (
     ema_update,
     param_groups,
 )
-from training.utils.schedulers import cosine_scheduler
+from training.common.schedulers import cosine_scheduler
 
 TINY = dict(embed_dim=8, depths=[1, 1, 1, 2], drop_path_rate=0.0)
 HEAD = dict(out_dim=16, patch_out_dim=16, hidden_dim=12, bottleneck_dim=6)

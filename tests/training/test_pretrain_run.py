@@ -22,7 +22,8 @@ import torch
 
 from training import pretrain
 from training.data.datasets import build_manifest
-from training.utils.checkpoint import list_checkpoints, load
+from training.common.checkpoint import list_checkpoints
+from training.common.checkpoint import load_checkpoint as load
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "training" / "configs" / "debug_cpu.yaml")
@@ -185,7 +186,7 @@ def test_quickstart_produces_its_files(tmp_path, caplog):
         assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4"]) == 0
     assert "NOT a useful pretrained model" in caplog.text
     assert (tmp_path / "exported" / "model.safetensors").is_file() and (tmp_path / "frame_similarity.png").is_file()
-    from training.utils.checkpoint import latest_checkpoint
+    from training.common.checkpoint import latest_checkpoint
 
     _check_export_card(tmp_path / "exported", latest_checkpoint(tmp_path / "run" / "checkpoints"), samples=4)
     assert sorted(p.name for p in (tmp_path / "run" / "figures").iterdir())
