@@ -7,7 +7,8 @@ Configs: `training/configs/distill/*.yaml`, then `key.sub=value` overrides from 
 YAML). The resolved config is written to `OUTPUT_DIR/config.yaml`. Checkpoints (`OUTPUT_DIR/checkpoints/last.pt`,
 `best.pt`) are written atomically and hold the student + KD modules, optimizer, schedule position, RNG states and the
 config; a run restarted with the same `--output-dir` resumes from `last.pt` (or `--resume PATH`).
-Spec: ../shared/specs/transkd.md §3-§5; README_distill.md documents the recipe flags.
+Upstream: ``train_TransKDBase.py``, ``train_TransKD_GLMixer.py``, ``train_TransKD_EA.py`` of RuipingL/TransKD at
+commit 39ab795d; training/README_distill.md documents the recipe flags.
 """
 
 from __future__ import annotations
@@ -58,15 +59,15 @@ DEFAULTS: dict = {
         "preset": "b0",
         "config": {},  # SegformerConfig overrides
         "num_labels": 20,
-        "init": "upstream",  # upstream: SegFormer's own init (spec §1.2); transformers: HF's N(0, 0.02)
-        "upstream_layer_norm_eps": True,  # spec §9 #9
-        "dropout2d": True,  # spec §9 #10
+        "init": "upstream",  # upstream: SegFormer's own init (Segformer.py:273); transformers: HF's N(0, 0.02)
+        "upstream_layer_norm_eps": True,  # eps 1e-6 on block and stage-end norms (Segformer.py:449, 467)
+        "dropout2d": True,  # decode head Dropout2d(0.1) (Segformer.py:292-295), not transformers' Dropout
         "id2label": None,  # class names {index: name}; None: "0", "1", ...
     },
     "kd": {
         "variant": "base",  # base (CSF+PEA) | gl | ea
         "mid_channels": 64,
-        "gl_alpha_init": 1.0,  # upstream leaves alpha/beta uninitialised (spec §9 #11)
+        "gl_alpha_init": 1.0,  # upstream leaves alpha/beta uninitialised (CSF_GLMixer.py:101-102)
         "gl_beta_init": 1.0,
         "gl_add": False,
         "hcl_weight": 1.0,
@@ -74,7 +75,7 @@ DEFAULTS: dict = {
     },
     "loss": {
         "class_weights": "erfnet",  # erfnet | null (all 1) | list
-        "void_class": 19,  # labels == ignore_index -> this class, weight 0 (spec §9 #1); null: plain ignore_index
+        "void_class": 19,  # labels == ignore_index -> this class, weight 0 (train_TransKDBase.py:72); null: ignore_index
         "ignore_index": 255,
     },
     "data": {
@@ -87,7 +88,7 @@ DEFAULTS: dict = {
         "label_scale": 0.25,
         "hflip": True,
         "max_shift": 2,
-        "reproduce_shift_quirks": True,  # spec §9 #4
+        "reproduce_shift_quirks": True,  # upstream's translation bugs (training/kd/data.py, CoTransformConfig)
         "mean": None,
         "std": None,
         "mask_rule": "eq255",
@@ -101,10 +102,11 @@ DEFAULTS: dict = {
         "weight_decay": 0.01,
         "betas": [0.9, 0.999],
         "eps": 1.0e-8,
-        "decay_norm_and_bias": True,  # spec §9 #6: one group, everything decayed
+        "decay_norm_and_bias": True,  # upstream: one AdamW group, everything decayed (train_TransKDBase.py:169)
     },
     "schedule": {
-        "max_decay_epochs": 1500,  # spec §9 #5: linear poly over 1500 epochs while training 1000
+        # upstream: linear poly over 1500 epochs while training 1000 (train_TransKDBase.py:170, 538)
+        "max_decay_epochs": 1500,
         "power": 1.0,
         "prestep": True,  # upstream's scheduler steps once in its constructor: epoch e trains at lr*(1-e/1500)
     },
@@ -112,7 +114,7 @@ DEFAULTS: dict = {
         "epochs": 1000,
         "batch_size": 2,
         "max_steps": None,
-        "drop_last": False,  # upstream keeps the odd last batch (SK fc1 path, §9 #12)
+        "drop_last": False,  # upstream keeps the odd last batch (SK's batch-of-1 fc1 path, CSF.py:27-30)
         "eval_every_epochs": 1,
         "val_batch_size": 1,
         "checkpoint_every_steps": None,
@@ -196,7 +198,8 @@ def build_datasets(cfg: dict):
 
 
 def epoch_lr(cfg: dict, epoch: int) -> float:
-    """Learning rate of 0-based `epoch` (upstream PolynomialLRDecay stepped per epoch, spec §5.2)."""
+    """Learning rate of 0-based `epoch`: upstream's PolynomialLRDecay stepped once per epoch and once in its
+    constructor, so epoch e (1-based) trains at lr * (1 - e / max_decay_epochs) ** power (train_TransKDBase.py:170, 293)."""
     sc = cfg["schedule"]
     e = min(epoch + (1 if sc["prestep"] else 0), sc["max_decay_epochs"])
     return cfg["optim"]["lr"] * (1.0 - e / sc["max_decay_epochs"]) ** sc["power"]
@@ -376,7 +379,7 @@ def run(args: argparse.Namespace | list[str]) -> dict:
                 metrics = evaluate(student, val_loader, num_labels, void, cfg["loss"]["ignore_index"], device)
                 state.setdefault("evals", []).append({"epoch": state["epoch"], "step": state["step"], **metrics})
                 logger.info("epoch %d val mIoU %.4f", state["epoch"], metrics["miou"])
-                if metrics["miou"] > state["best_miou"]:  # spec §9 #7: best epoch selected on val
+                if metrics["miou"] > state["best_miou"]:  # best epoch selected on val (train_TransKDBase.py:362-393)
                     state["best_miou"] = metrics["miou"]
                     save("best.pt")
         save("last.pt")

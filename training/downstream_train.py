@@ -1,4 +1,5 @@
-"""Shared engine of ``training.linear_probe`` and ``training.finetune_segmentation`` (spec §3.1, §3.2).
+"""Shared engine of ``training.linear_probe`` and ``training.finetune_segmentation`` (upstream OpenUS
+``eval_linear.py`` and ``eval_segmentation.py``, XZheng0427/OpenUS at commit 6b9f6d2e).
 
 Single process or torchrun + DDP (gloo on CPU, nccl on GPU). ``--output-dir`` receives ``config.yaml`` (resolved),
 ``log.jsonl`` (train loss per logged step, validation metrics per epoch), ``checkpoints/checkpoint_{step:08d}.pth``
@@ -90,7 +91,9 @@ def build_model(cfg: dict, num_labels: int, classes: list[str] | None) -> nn.Mod
 
 class DownstreamNet(nn.Module):
     """The task model run the upstream way: a frozen backbone stays in eval and runs without autograd; the linear
-    probe sees ``feature_scale`` x the pooled feature (``avgpool=2`` -> 2 x GAP, spec §3.1)."""
+    probe sees ``feature_scale`` x the pooled feature (``avgpool=2``: upstream feeds ``x_out[:, 0] +
+    mean(x_out[:, 1:])``, and both terms are the global average of the last stage, so 2 x GAP;
+    ``eval_linear.py:240-250``)."""
 
     def __init__(self, model: nn.Module, task: str, frozen: bool, feature_scale: float = 1.0):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Evaluate OpenUS downstream models (spec §3.1, §3.2, §3.4) and summarise runs over seeds.
+"""Evaluate OpenUS downstream models (upstream ``test_linear.py``, ``test_segmentation.py``, ``calculate_dice_iou.py``)
+and summarise runs over seeds.
 
     # a saved folder (AutoModelForSemanticSegmentation / AutoModelForImageClassification) on a dataset split
     python -m training.evaluate segmentation --model DIR --config training/configs/downstream/busbra_seg.yaml \
@@ -14,7 +15,7 @@
 
 Segmentation numbers: ``dice``/``iou`` are upstream's validation metric (batch-pooled, averaged over batches: they
 depend on the batch size), ``dice_per_sample``/``iou_per_sample`` upstream's test metric (averaged over images); the
-paper's table (§3.5) comes from the test script, so summaries report the per-sample pair.
+paper's table (upstream README "Results") comes from the test script, so summaries report the per-sample pair.
 """
 
 from __future__ import annotations

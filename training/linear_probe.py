@@ -1,4 +1,4 @@
-"""Linear probe / classification fine-tuning of OpenUS (spec §3.1), single process or torchrun + DDP.
+"""Linear probe / classification fine-tuning of OpenUS (upstream ``eval_linear.py``), one process or torchrun + DDP.
 
     python -m training.linear_probe --config training/configs/downstream/busi_linear.yaml --output-dir runs/busi \
         data.root=/data/BUSI model.init_from=hf/openus-small [key=value ...]

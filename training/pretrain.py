@@ -1,4 +1,4 @@
-"""OpenUS pretraining: self-adaptive masked contrastive learning (spec §2), single process or torchrun + DDP.
+"""OpenUS pretraining: self-adaptive masked contrastive learning (upstream ``main_openus.py``), one process or torchrun.
 
     python -m training.pretrain --config training/configs/debug_cpu.yaml --output-dir runs/debug [key=value ...]
     torchrun --nproc_per_node=4 -m training.pretrain --config training/configs/openus_small_paper.yaml \
@@ -52,7 +52,8 @@ from .common.schedulers import cosine_scheduler
 logger = logging.getLogger("training.pretrain")
 FORMAT = "openus_hub.pretrain/1"
 
-# Every key with its default = the paper run (spec §2.1), apart from the documented deviations (training/README.md).
+# Every key with its default = the paper run (upstream main_openus.py arguments as passed by
+# submit/submit_slurm_4gpus.sh:29-56), apart from the documented deviations (training/README.md).
 DEFAULTS: dict = {
     "model": {
         "preset": "openus-small",  # openus_hub preset; the keys below override it
@@ -141,8 +142,8 @@ def build_networks(cfg: dict) -> tuple[OpenUSPretrainNetwork, OpenUSPretrainNetw
 
 def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks, prev_importance, epoch: int,
                  epochs: int, mcfg: dict, gen: torch.Generator | None):
-    """Steps 2-8 of spec §2.4: teacher targets and attention, the self-adaptive mask, the student on masked global
-    and local crops, iBOT + reconstruction losses. Returns (total loss, loss terms, global masks, normalised teacher
+    """One step of upstream ``train_one_epoch`` (``main_openus.py:505-582``): teacher targets and attention, the
+    self-adaptive mask, the student on masked global and local crops, iBOT + reconstruction losses. Returns (total loss, loss terms, global masks, normalised teacher
     attention, the new feedback signal (B, L) for the next step's mask)."""
     n_local = 0 if locals_ is None else 1
     alpha, m_t = mask_schedules(epoch, epochs, mcfg["alpha_init"], mcfg["alpha_final"], mcfg["alpha_schedule"],
@@ -152,7 +153,7 @@ def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks
     if mcfg["student_feedback"]:
         scores = mask_scores(attention, prev_importance, alpha)
         g_masks = adaptive_mask(scores, grid, mcfg["masking_ratio"], m_t, gen)
-    elif mcfg["mask_model"] == "atten_guided":  # teacher-only guidance (spec §2.4.5)
+    elif mcfg["mask_model"] == "atten_guided":  # teacher-only guidance (main_openus.py:550-558)
         g_masks = adaptive_mask(attention.mean(1), grid, mcfg["masking_ratio"], 0.001 + 0.899 * epoch / epochs, gen)
     else:
         g_masks = g_masks_ds

@@ -219,6 +219,14 @@ def test_no_sys_path_edits_in_the_checkout():
     assert offenders == []
 
 
+def test_comments_cite_facts_not_a_spec_outside_the_repository():
+    this = Path(__file__).resolve()
+    files = [p for p in _tracked("training", "tests/training", "benchmarks") if p.resolve() != this]
+    offenders = [f"{p.relative_to(REPO)}:{i}" for p in files for i, line in
+                 enumerate(p.read_text(errors="ignore").splitlines(), 1) if "§" in line or "shared/specs" in line]
+    assert offenders == []
+
+
 def test_one_of_each_helper():
     """Each shared helper is defined once in training/ (and the file-level atomic save is not called save_atomic,
     which is conversion._common's folder swap)."""

@@ -1,4 +1,5 @@
-"""Feature extraction, student construction, FLOP counting, schedule, data pipeline and mIoU rule (spec §1-§5, §10)."""
+"""Feature extraction, student construction, FLOP counting, schedule, data pipeline and mIoU rule of TransKD
+(RuipingL/TransKD at commit 39ab795d: train/models/Segformer.py, train_TransKDBase.py, eval/iouEval.py)."""
 
 import random
 

@@ -1,4 +1,5 @@
-"""Masking, schedules, losses and optimiser helpers of training/ against the formulas of spec §2 (hand-checked)."""
+"""Masking, schedules, losses and optimiser helpers of training/ against upstream OpenUS's formulas (main_openus.py,
+utils.py; hand-checked)."""
 
 import math
 import random
@@ -31,7 +32,7 @@ def test_alpha_and_m_t_per_epoch():
     assert mask_schedules(0, 151) == pytest.approx((0.1, 0.1))
     alpha75, m75 = mask_schedules(75, 151)
     assert alpha75 == pytest.approx(0.1 + 0.8 * (1 - math.cos(math.pi * 75 / 151)) / 2)
-    assert alpha75 == pytest.approx(0.4958, abs=1e-4)  # spec: "about 0.49"
+    assert alpha75 == pytest.approx(0.4958, abs=1e-4)  # 0.1 + 0.8 * (1 - cos(pi * 75 / 151)) / 2
     assert m75 == pytest.approx(0.1 + 0.8 * 75 / 151)
     alpha150, m150 = mask_schedules(150, 151)
     assert alpha150 == pytest.approx(0.89991, abs=1e-5) and m150 == pytest.approx(0.8947, abs=1e-4)

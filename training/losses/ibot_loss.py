@@ -1,4 +1,5 @@
-"""iBOT loss with centering (upstream ``main_openus.py::iBOTLoss``, spec §2.5)."""
+"""iBOT loss with centering (upstream ``main_openus.py:641-736``, ``iBOTLoss``; XZheng0427/OpenUS at commit
+6b9f6d2e)."""
 
 from __future__ import annotations
 
