@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ from training.losses import ERFNET_CITYSCAPES_WEIGHTS, TransKDLoss, WeightedCros
 from training.metrics import IoUAccumulator
 
 logger = logging.getLogger("training.distill")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 DEFAULTS: dict = {
     "name": "distill",
@@ -122,6 +124,7 @@ DEFAULTS: dict = {
         "seed": 0,
         "find_unused_parameters": True,  # SK's fc/fc1 alternate with the batch size
         "progress_bar": True,
+        "overlay_images": 4,  # val images drawn with ground truth and prediction at the end (figures/*.png); 0: none
     },
 }
 
@@ -241,6 +244,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The command line: exit status 0, 2 (bad configuration or checkpoint) or 3 (non-finite loss)."""
     args = get_args_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group starts in run()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=LOG_FORMAT)
     try:
         with redirect_logging():
             run(args)
@@ -261,10 +266,16 @@ def run(args: argparse.Namespace | list[str]) -> dict:
     if not isinstance(args, argparse.Namespace):
         args = get_args_parser().parse_args(args)
     cfg = load_distill_config(args.config, args.overrides)
+    if cfg["train"]["overlay_images"]:
+        from training.common.figures import require_matplotlib
+
+        try:
+            require_matplotlib("train.overlay_images=0")
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
 
     rank, world, device = init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=LOG_FORMAT)
     out_dir = Path(args.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     tc = cfg["train"]
@@ -390,11 +401,30 @@ def run(args: argparse.Namespace | list[str]) -> dict:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         best = ckpt_dir / "best.pt"
         export_from = best if best.exists() else ckpt_dir / "last.pt"
+        figure = None
+        n_fig = min(int(tc["overlay_images"]), len(val_set))
+        if n_fig:
+            from training.evaluate import write_segmentation_overlays
+
+            student.eval()
+            id2label = {int(k): v for k, v in (cfg["student"]["id2label"] or student.config.id2label).items()}
+            names = [str(id2label.get(i, i)) for i in range(num_labels)]
+            d = cfg["data"]
+            figure = write_segmentation_overlays(
+                out_dir / "figures" / f"val_overlays_step_{state['step']:08d}.png",
+                lambda x: student(x.to(device)).logits, [val_set[i] for i in range(n_fig)],
+                title=f"{cfg['name']}: student at step {state['step']} (epoch {state['epoch']}) on the val split "
+                      f"({d['dataset']}); labels at {d['label_scale']}x resolution, shown upsampled",
+                class_names=names, mean=tuple(d["mean"]) if d["mean"] else None,
+                std=tuple(d["std"]) if d["std"] else None, ignore_index=cfg["loss"]["ignore_index"],
+                exclude=(void,) if void is not None else ())
+            student.train()
         finish(logger, f"{state['step'] - start_step} distillation steps in {time.time() - t0:.1f} s (step "
                        f"{state['step']}, epoch {state['epoch']}, best val mIoU "
                        f"{'n/a' if state['best_miou'] < 0 else format(state['best_miou'], '.4f')}): "
                        f"{ckpt_dir / 'last.pt'}" + (f", {best}" if best.exists() else "")
-                       + f", {out_dir / 'summary.json'}, {out_dir / 'config.yaml'}",
+                       + f", {out_dir / 'summary.json'}, {out_dir / 'config.yaml'}"
+                       + (f", {figure.path}" if figure is not None else ""),
                f"python -m training.export_student {export_from} --output-dir {out_dir / 'student'}")
     barrier()
     return state

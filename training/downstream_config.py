@@ -39,7 +39,8 @@ COMMON_DEFAULTS: dict = {
     },
     "checkpoint": {"every_steps": None, "keep_last": 2},
     "export": {"enabled": True, "name": None},
-    "log": {"every_steps": 10, "progress_bar": True},
+    # overlay_images: test images drawn with ground truth and prediction (segmentation; figures/test_overlays.png)
+    "log": {"every_steps": 10, "progress_bar": True, "overlay_images": 4},
 }
 TASK_DEFAULTS = {
     "classification": {"task": "classification", "data": {"dataset": "busi"},

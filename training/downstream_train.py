@@ -27,8 +27,8 @@ from openus_hub import (OpenUSConfig, OpenUSForImageClassification, OpenUSForSem
                         OpenUSImageProcessorPil, OpenUSModel)
 
 from .common import distributed as du
-from .common.checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint,
-                                prune_checkpoints, save_checkpoint)
+from .common.checkpoint import (CheckpointError, atomic_write_text, checkpoint_path, latest_checkpoint,
+                                load_checkpoint, prune_checkpoints, save_checkpoint)
 from .common.config import ConfigError, dump_config
 from .common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
 from .common.progress import finish, progress_bar, redirect_logging
@@ -36,8 +36,9 @@ from .common.rng import seed_everything, step_seed
 from .common.run_info import git_sha, portable_path, run_metadata
 from .data.downstream import DownstreamDataset, build_samples, subsample
 from .downstream_config import load_downstream_config
+from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from .evaluate import (eval_results, finish_classification, finish_segmentation, markdown_table,
-                       run_classification, run_segmentation, summarize)
+                       run_classification, run_segmentation, summarize, write_segmentation_overlays)
 
 logger = logging.getLogger("training.downstream")
 FORMAT = "openus_hub.downstream/1"
@@ -277,6 +278,13 @@ def export(net: DownstreamNet, cfg: dict, out_dir: Path, test: dict, sample_batc
 
 def train(task: str, args: argparse.Namespace) -> dict:
     cfg = load_downstream_config(task, args.config, args.overrides)
+    if cfg["task"] == "segmentation" and cfg["log"]["overlay_images"]:
+        from .common.figures import require_matplotlib
+
+        try:
+            require_matplotlib("log.overlay_images=0")
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
     rank, world, device = du.init_distributed()
     tcfg, dcfg = cfg["train"], cfg["data"]
     if tcfg["num_threads"]:
@@ -416,11 +424,20 @@ def train(task: str, args: argparse.Namespace) -> dict:
                 train_seconds=round(time.time() - t0, 2), world_size=world)
     result = {"test": test, "best": best, "steps": step, "output_dir": str(out_dir)}
     if rank == 0:
-        (out_dir / "eval_test.json").write_text(json.dumps(test, indent=2), encoding="utf-8")
+        atomic_write_text(out_dir / "eval_test.json", json.dumps(test, indent=2))
+        wrote = [str(out_dir / "eval_test.json"), str(latest_checkpoint(ckpt_dir))]
+        n_fig = min(int(cfg["log"]["overlay_images"]), len(eval_ds["test"]))
+        if task == "segmentation" and n_fig:
+            net.eval()
+            fig = write_segmentation_overlays(
+                out_dir / "figures" / "test_overlays.png", lambda x: net.logits(x.to(device)),
+                [eval_ds["test"][i] for i in range(n_fig)], class_names=[model.config.id2label[i] for i in range(2)],
+                title=f"{dcfg['dataset']} test split, best model (epoch {best.get('epoch')}, step {best.get('step')}); "
+                      f"per-image Dice (upstream test_segmentation.py)", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            wrote.append(str(fig.path))
         if cfg["export"]["enabled"]:
             sample = torch.stack([eval_ds["val"][i]["pixel_values"] for i in range(min(2, len(eval_ds["val"])))])
             result["export_dir"] = str(export(net, cfg, out_dir, test, sample.to(device)))
-        wrote = [str(out_dir / "eval_test.json"), str(latest_checkpoint(ckpt_dir))]
         next_steps = []
         if "export_dir" in result:
             wrote.insert(0, f"{result['export_dir']} (model, processor, card)")

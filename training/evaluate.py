@@ -102,6 +102,39 @@ def finish_classification(states: list[dict]) -> dict:
     return out
 
 
+@torch.no_grad()
+def write_segmentation_overlays(path: str | Path, logits_fn: Callable[[torch.Tensor], torch.Tensor], samples: list[dict],
+                                *, title: str, class_names: list[str], mean: tuple[float, ...] | None,
+                                std: tuple[float, ...] | None, ignore_index: int | None = 255,
+                                exclude: tuple[int, ...] = ()):
+    """Image | ground truth | prediction for each sample (``{"pixel_values": (3, H, W), "labels": (h, w)}``), the
+    image's Dice (:func:`training.metrics.image_dice`) in each row and the mean in the title. Labels and predictions
+    at another resolution than the image (TransKD's 1/4) are shown nearest-upsampled to it. ``mean``/``std``: the
+    normalisation to undo for display (None: the input is RGB in [0, 1])."""
+    from .common.figures import segmentation_figure
+    from .metrics import image_dice
+
+    pixels = torch.stack([s["pixel_values"] for s in samples]).float()
+    labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
+    logits = logits_fn(pixels)
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    preds = logits.argmax(1).cpu()
+    num_classes = logits.shape[1]
+    dice = [image_dice(p, t, num_classes, ignore_index, exclude) for p, t in zip(preds, labels)]
+    images = pixels.cpu()
+    if mean is not None:
+        images = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    size = images.shape[-2:]
+
+    def up(x):
+        return F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0].long().numpy()
+
+    return segmentation_figure(path, images.clamp(0, 1).permute(0, 2, 3, 1).numpy(), up(labels), up(preds), dice,
+                               title=title, class_names=class_names, ignore_index=ignore_index,
+                               background=0 if 0 not in exclude else None)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # summaries
 
@@ -184,6 +217,17 @@ def _model_eval(args, task: str) -> dict:
     if task == "segmentation":
         result = finish_segmentation([run_segmentation(logits_fn, loader, args.save_masks,
                                                        [s.image for s in samples])])
+        if args.figure:
+            from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+
+            ds = loader.dataset
+            n = min(args.figure_images, len(ds))
+            fig = write_segmentation_overlays(
+                args.figure, logits_fn, [ds[i] for i in range(n)],
+                class_names=[model.config.id2label[i] for i in range(model.config.num_labels)],
+                title=f"{Path(args.model).name} on {cfg['data']['dataset']} ({args.split} split); per-image Dice",
+                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            result["figure"] = str(fig.path)
     else:
         result = finish_classification([run_classification(logits_fn, loader)])
     result.update(task=task, split=args.split, model=str(args.model), dataset=cfg["data"]["dataset"])
@@ -202,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--output", default=None, help="JSON file (default: stdout)")
         if task == "segmentation":
             s.add_argument("--save-masks", default=None, help="write the predicted masks as 0/255 PNGs here")
+            s.add_argument("--figure", default=None, help="write a PNG of image | ground truth | prediction (with Dice) "
+                           "for the first --figure-images images of the split")
+            s.add_argument("--figure-images", type=int, default=4)
         s.add_argument("overrides", nargs="*")
     s = sub.add_parser("offline")
     s.add_argument("--pred", required=True)
@@ -223,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command in ("segmentation", "classification"):
         if args.command == "classification":
-            args.save_masks = None
+            args.save_masks = args.figure = None
         result = _model_eval(args, args.command)
     elif args.command == "offline":
         pairs = match_offline_pairs(args.pred, args.gt)

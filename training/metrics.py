@@ -253,3 +253,24 @@ class IoUAccumulator:
         if self.ignore_index is not None and self.ignore_index < self.num_classes:
             iou = torch.cat([iou[: self.ignore_index], iou[self.ignore_index + 1 :]])
         return float(iou.mean())
+
+
+def image_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255,
+               exclude: tuple[int, ...] = ()) -> float:
+    """The Dice of one image's class map ``(H, W)``, as the segmentation figures title it.
+
+    Two classes: the foreground (class 1) Dice of :func:`pooled_dice_iou` (upstream's formula, eps 1e-6). More
+    classes: the mean over the classes present in the target or the prediction (``exclude``: e.g. a void class) of
+    ``2|P_c ∩ G_c| / (|P_c| + |G_c|)``, pixels labelled ``ignore_index`` left out."""
+    if num_classes == 2:
+        return pooled_dice_iou(pred[None], target[None], ignore_index=ignore_index)[0]
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    scores = []
+    for c in range(num_classes):
+        if c in exclude:
+            continue
+        p, g = (pred == c) & valid, (target == c) & valid
+        total = int(p.sum()) + int(g.sum())
+        if total:
+            scores.append(2.0 * int((p & g).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0

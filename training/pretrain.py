@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from openus_hub import OpenUSConfig, OpenUSModel
@@ -177,35 +176,24 @@ def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks
 
 
 @torch.no_grad()
-def write_figure(path: Path, crops: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor) -> None:
-    """One row per crop: image | teacher attention (column mean) | chosen mask | reconstruction (masked cells)."""
-    from PIL import Image
-
+def write_figure(path: Path, crops: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor,
+                 step: int, epoch: int, max_rows: int = 4):
+    """Up to ``max_rows`` global crops: crop | teacher attention on the token grid | chosen mask | masked
+    reconstruction (``training.common.figures.pretraining_figure``). ``attention``: the teacher's ``(B, L, L)``
+    map, min-max normalised over the batch; each token's score is its column mean (upstream ``main_openus.py:523``)."""
+    from .common.figures import pretraining_figure
     from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-
-    def rgb(x):
-        return (x.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).mul(255).byte().numpy()
-
-    def heat(v, size):
-        v = (v - v.min()) / (v.max() - v.min() + 1e-8)
-        img = Image.fromarray((v.cpu().numpy() * 255).astype(np.uint8), "L").resize((size, size), Image.NEAREST)
-        a = np.asarray(img, dtype=np.float32) / 255.0
-        return np.stack([a * 255, (1 - abs(a - 0.5) * 2) * 255, (1 - a) * 255], -1).astype(np.uint8)
-
-    n, size = min(4, crops.shape[0]), crops.shape[-1]
+    n = min(max_rows, crops.shape[0])
     grid = mask.shape[-2:]
-    rows = []
-    for i in range(n):
-        m = mask[i].float()
-        m_px = m.repeat_interleave(size // grid[0], 0).repeat_interleave(size // grid[1], 1)[..., None].cpu().numpy()
-        img = rgb(crops[i])
-        masked_img = (img * (1 - 0.6 * m_px)).astype(np.uint8)
-        rec = (rgb(recon[i]) * m_px + img * (1 - m_px)).astype(np.uint8)
-        rows.append(np.concatenate([img, heat(attention[i].mean(0).view(grid), size), masked_img, rec], 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+    def rgb(x):  # (n, 3, H, W) normalised -> (n, H, W, 3) in [0, 1]
+        return (x[:n].float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    scores = attention[:n].float().mean(1).reshape(n, *grid).cpu().numpy()  # column mean over the queries
+    return pretraining_figure(path, rgb(crops), scores, mask[:n].cpu().numpy().astype(bool), rgb(recon), step=step,
+                              epoch=epoch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,6 +231,13 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
         torch.set_num_threads(int(tcfg["num_threads"]))
     if tcfg["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg["log"]["figure_every_steps"]:
+        from .common.figures import require_matplotlib
+
+        try:
+            require_matplotlib("log.figure_every_steps=null")
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
     if dcfg["manifest"] is None:
         raise ConfigError("data.manifest is not set: write one with python -m training.data.datasets FOLDER "
                           "--output FILE, then pass data.manifest=FILE")
@@ -419,7 +414,8 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
                         _, last_map, _ = student.encode(globals_, g_masks)
                         recon = student.decoder(last_map)
                         student.train()
-                    write_figure(out_dir / "figures" / f"step_{step:08d}.png", globals_, attention, g_masks, recon)
+                    write_figure(out_dir / "figures" / f"step_{step:08d}.png", globals_, attention, g_masks, recon,
+                                 step, epoch)
             step += 1
             ck = cfg["checkpoint"]
             epoch_end = step % niter == 0 and ck["every_epoch"]

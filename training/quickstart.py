@@ -15,7 +15,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 
 BANNER = ("NOTE: pipeline demonstration only: a tiny, randomly initialised model trained for a few steps on a few "
           "frames. It is NOT a useful pretrained model and NOT for clinical use.")
@@ -52,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data.datasets import build_manifest
     from .export_pretrained import export
     from .common.checkpoint import latest_checkpoint
+    from .common.figures import frame_similarity_figure
 
     frames_dir = out / "frames"
     frames_dir.mkdir(parents=True, exist_ok=True)
@@ -72,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     feats = openus_hub.extract_features(model, sorted(str(f) for f in frames_dir.glob("*.png")),
                                         return_stage_maps=False)
     emb = torch.nn.functional.normalize(feats.pooled, dim=-1)  # [N, C]
-    sim = (emb @ emb.T).numpy()
-    img = ((sim - sim.min()) / (sim.max() - sim.min() + 1e-8) * 255).astype(np.uint8)
-    Image.fromarray(img, "L").resize((32 * n, 32 * n), Image.NEAREST).save(out / "frame_similarity.png")
+    sim = (emb @ emb.T).double().numpy()
+    frame_similarity_figure(sim, out / "frame_similarity.png",
+                            title=f"Quickstart: pooled embeddings of the echo cine's frames 0-{n - 1} (pydicom example "
+                                  f"ybr_color)\ntiny random model after {args.steps} pretraining steps: a pipeline "
+                                  "check, not a trained model")
     log.info("exported %s; embeddings %s; figures in %s; similarity %s", folder, tuple(emb.shape),
              out / "run" / "figures", out / "frame_similarity.png")
     log.warning(BANNER)

@@ -19,6 +19,7 @@ import openus_hub  # noqa: F401  (registers the classes with transformers)
 from openus_hub.io import read_dicom
 from training import evaluate as ev
 from training import finetune_segmentation, linear_probe
+from tests.figure_checks import assert_figure
 from training.common.checkpoint import list_checkpoints
 from training.common.checkpoint import load_checkpoint as load
 
@@ -80,6 +81,8 @@ def test_segmentation_finetune_resume_evaluate_export_pipeline(seg_root, tmp_pat
     for key in ("dice", "iou", "dice_per_sample", "iou_per_sample"):
         assert 0.0 <= test[key] <= 1.0
     assert test["iou_per_sample"] <= test["dice_per_sample"] + 1e-9  # IoU <= Dice for every image
+    # the best model's test overlays: 4 images x (image | ground truth | prediction with its Dice)
+    assert_figure(out / "figures" / "test_overlays.png", (1100, 1380))
 
     # 3) the exported folder: config + weights + processor + a card with the round-trip check and test metrics
     folder = out / "model"
@@ -96,8 +99,10 @@ def test_segmentation_finetune_resume_evaluate_export_pipeline(seg_root, tmp_pat
     # evaluate CLI on the saved folder reproduces the training script's test numbers
     res_path = tmp_path / "res.json"
     assert ev.main(["segmentation", "--model", str(folder), "--config", SEG_CFG, "--output", str(res_path),
-                    "--save-masks", str(tmp_path / "pred"), f"data.root={seg_root}"]) == 0
+                    "--save-masks", str(tmp_path / "pred"), "--figure", str(tmp_path / "eval.png"),
+                    "--figure-images", "2", f"data.root={seg_root}"]) == 0
     res = json.loads(res_path.read_text())
+    assert_figure(tmp_path / "eval.png", (1100, 740))
     assert res["dice_per_sample"] == pytest.approx(test["dice_per_sample"], abs=1e-6)
     assert res["iou"] == pytest.approx(test["iou"], abs=1e-6)
     preds = sorted((tmp_path / "pred").glob("pred_frame_*.png"))

@@ -14,6 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from conversion.model_card import SECTIONS, validate_card
+from tests.figure_checks import assert_figure
 from training import distill, export_student
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,6 +50,8 @@ def test_debug_cpu_resume_matches_uninterrupted(tmp_path):
     for x, y in zip(straight["history"], resumed["history"]):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
     assert not any(".tmp" in p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    # the val overlays at the end: 2 val frames x (image | ground truth | prediction with its Dice)
+    assert_figure(tmp_path / "straight" / "figures" / "val_overlays_step_00000004.png", (1100, 740))
 
 
 BLOCKED_LOADER = r"""

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.figure_checks import assert_figure
 from training import pretrain
 from training.data.datasets import build_manifest
 from training.common.checkpoint import list_checkpoints
@@ -55,7 +56,11 @@ def test_single_process_run(tmp_path, manifest):
     for r in records:
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("cls", "patch", "global_rec", "loss"))
     assert records[0]["lr"] == 0.0 and records[0]["alpha"] == pytest.approx(0.1)
-    assert (out / "config.yaml").is_file() and sorted(p.name for p in (out / "figures").iterdir())
+    assert (out / "config.yaml").is_file()
+    # figures at steps 0, 2 and the last (3): 4 global crops (2 images x 2 crops) x 4 titled columns
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [f"step_{i:08d}.png" for i in (0, 2, 3)]
+    for fig in (out / "figures").iterdir():
+        assert_figure(fig, (1400, 1380))
     steps = [s for s, _ in list_checkpoints(out / "checkpoints")]
     assert steps == [2, 4]  # keep_last 2
     state = load(out / "checkpoints" / "checkpoint_00000004.pth")  # weights_only=True
@@ -185,7 +190,8 @@ def test_quickstart_produces_its_files(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="training.quickstart"):
         assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4"]) == 0
     assert "NOT a useful pretrained model" in caplog.text
-    assert (tmp_path / "exported" / "model.safetensors").is_file() and (tmp_path / "frame_similarity.png").is_file()
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert_figure(tmp_path / "frame_similarity.png", (1100, 480))
     from training.common.checkpoint import latest_checkpoint
 
     _check_export_card(tmp_path / "exported", latest_checkpoint(tmp_path / "run" / "checkpoints"), samples=4)

@@ -248,8 +248,7 @@ def classification_transform(img: Image.Image, size: int, train: bool, rng: rand
 def segmentation_transform(img: Image.Image, mask: Image.Image, size: int, train: bool, rng: random.Random | None,
                            label_rule: str = "eq255") -> tuple[torch.Tensor, torch.Tensor]:
     """``dataset/transforms.py``: resize (image bilinear, mask nearest); train: p 0.5 rotate by 90·k (k in 1..3, expand)
-    + centre crop,
-    HFlip 0.5, VFlip 0.5."""
+    + centre crop, HFlip 0.5, VFlip 0.5."""
     img = img.convert("RGB").resize((size, size), Image.BILINEAR)
     mask = mask.convert("L").resize((size, size), Image.NEAREST)
     if train:
