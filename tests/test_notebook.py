@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.figure_checks import assert_figure
+from tests.output_checks import assert_figure
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

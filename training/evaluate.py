@@ -32,7 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .common.checkpoint import atomic_write_text
 from .common.config import ConfigError
+from .common.progress import finish, track
 from .downstream_config import load_downstream_config
 from .metrics import (PooledSegmentationMeter, classification_metrics, match_offline_pairs, mean_std,
                       offline_dice_iou, offline_summary)
@@ -214,8 +216,9 @@ def _model_eval(args, task: str) -> dict:
     def logits_fn(x):
         return model(pixel_values=x).logits
 
+    batches = track(loader, f"{task} ({args.split} split)")
     if task == "segmentation":
-        result = finish_segmentation([run_segmentation(logits_fn, loader, args.save_masks,
+        result = finish_segmentation([run_segmentation(logits_fn, batches, args.save_masks,
                                                        [s.image for s in samples])])
         if args.figure:
             from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD
@@ -229,7 +232,7 @@ def _model_eval(args, task: str) -> dict:
                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
             result["figure"] = str(fig.path)
     else:
-        result = finish_classification([run_classification(logits_fn, loader)])
+        result = finish_classification([run_classification(logits_fn, batches)])
     result.update(task=task, split=args.split, model=str(args.model), dataset=cfg["data"]["dataset"])
     return result
 
@@ -294,17 +297,22 @@ def _run(args: argparse.Namespace) -> int:
         result["dataset"] = dataset
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        (out / "summary.md").write_text(markdown_table(result, dataset) + "\n", encoding="utf-8")
+        atomic_write_text(out / "summary.json", json.dumps(result, indent=2))
+        atomic_write_text(out / "summary.md", markdown_table(result, dataset) + "\n")
+        wrote = [str(out / "summary.json"), str(out / "summary.md")]
+        next_steps = []
         if args.card:
             run = Path(args.runs[0])
             card_json = (run if run.is_dir() else run.parent) / "export_card.json"
-            render_summary_card(card_json, args.card, result, dataset)
+            wrote.append(str(render_summary_card(card_json, args.card, result, dataset)))
+            next_steps.append(f"openus-hub push {args.card} --repo-id ORG/NAME --dry-run   # check, then upload")
         logger.info("%s", markdown_table(result, dataset))
+        finish(logger, ", ".join(wrote), next_steps)
         return 0
     text = json.dumps(result, indent=2)
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        atomic_write_text(args.output, text)
+        finish(logger, args.output + (f", {result['figure']}" if result.get("figure") else ""))
     else:
         sys.stdout.write(text + "\n")
     return 0

@@ -26,6 +26,10 @@ from conversion.model_card import write_card
 from openus_hub import OpenUSConfig, OpenUSImageProcessorPil, OpenUSModel
 
 from .common.checkpoint import CheckpointError, load_checkpoint
+from .common.progress import finish
+from .common.run_info import portable_config
+
+PATH_KEYS = ("model.init_from", "data.manifest")  # config values that are local paths: never published as they are
 
 logger = logging.getLogger("training.export_pretrained")
 
@@ -36,11 +40,13 @@ def card_metadata(state: dict, checkpoint: str | Path, network: str, name: str, 
     from conversion.model_card import load_metadata
 
     base = load_metadata("openus-converted")
-    cfg = state["config"]
-    man = state.get("data_manifest") or {}
-    init_from = (cfg.get("model") or {}).get("init_from")
+    cfg = portable_config(state["config"], PATH_KEYS)  # local paths -> base name + sha256
+    man = dict(state.get("data_manifest") or {})
+    if man.get("manifest"):
+        man["manifest"] = Path(man["manifest"]).name
+    init_from = cfg["model"].get("init_from")
     config_yaml = yaml.safe_dump(cfg, sort_keys=False).rstrip()
-    manifest_json = json.dumps(state.get("data_manifest"), indent=2)
+    manifest_json = json.dumps(man or None, indent=2)
     start = (f"continued from `{init_from}` (upstream OpenUS weights or a saved openus_hub folder)" if init_from
              else "from random initialisation")
     meta = dict(base)
@@ -171,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # CheckpointError, not a pretraining checkpoint, a non-empty --output-dir without --overwrite
         print(f"error: {err}", file=sys.stderr)
         return 2
-    logger.info("exported the %s backbone of %s -> %s", args.network, args.checkpoint, out)
+    finish(logger, f"{out}: the {args.network} backbone of {args.checkpoint} (config.json, model.safetensors, "
+                   "preprocessor_config.json, README.md)",
+           [f"python -m training.linear_probe --config training/configs/downstream/busi_linear.yaml --output-dir "
+            f"runs/busi data.root=/data/BUSI model.init_from={out}   # evaluate it",
+            f"openus-hub push {out} --repo-id ORG/NAME --dry-run   # check, then drop --dry-run to upload"])
     return 0
 
 

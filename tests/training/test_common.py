@@ -241,3 +241,23 @@ def test_one_of_each_helper():
                  "IoUAccumulator", "PooledSegmentationMeter", "NonFiniteLossError", "cosine_scheduler"):
         assert len(defs.get(name, [])) == 1, (name, defs.get(name))
     assert not (REPO / "training" / "kd" / "metrics.py").exists() and not (REPO / "training" / "utils").exists()
+
+
+def test_portable_paths(tmp_path):
+    from training.common.run_info import portable_config, portable_path
+    from conversion._common import sha256_file
+
+    f = tmp_path / "data" / "manifest.txt"
+    f.parent.mkdir()
+    f.write_text("a.png\n")
+    model = tmp_path / "teacher"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    assert portable_path(f) == f"manifest.txt (sha256 {sha256_file(f)})"
+    assert portable_path(model) == f"teacher (sha256 {sha256_file(model / 'model.safetensors')})"
+    assert portable_path(f, root=tmp_path) == "data/manifest.txt"  # inside the export: relative
+    assert portable_path(tmp_path / "gone" / "x.pth") == "x.pth"  # not on this machine: the base name
+    assert portable_path("org/name") == "org/name" and portable_path(None) is None  # a Hub id stays
+    cfg = {"model": {"init_from": str(model)}, "data": {"manifest": str(f), "batch": 2}}
+    out = portable_config(cfg, ("model.init_from", "data.manifest", "data.absent"))
+    assert out["data"]["batch"] == 2 and str(tmp_path) not in repr(out) and str(tmp_path) in repr(cfg)

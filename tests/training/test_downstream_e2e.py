@@ -19,7 +19,7 @@ import openus_hub  # noqa: F401  (registers the classes with transformers)
 from openus_hub.io import read_dicom
 from training import evaluate as ev
 from training import finetune_segmentation, linear_probe
-from tests.figure_checks import assert_figure
+from tests.output_checks import assert_figure, assert_no_local_paths
 from training.common.checkpoint import list_checkpoints
 from training.common.checkpoint import load_checkpoint as load
 
@@ -88,7 +88,9 @@ def test_segmentation_finetune_resume_evaluate_export_pipeline(seg_root, tmp_pat
     folder = out / "model"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"):
         assert (folder / name).is_file(), name
+    assert_no_local_paths(folder, seg_root, tmp_path)  # the data root appears by its base name only
     card = (folder / "README.md").read_text()
+    assert f"folder `{seg_root.name}`" in card
     assert "pipeline_tag: image-segmentation" in card and "Maximum absolute difference measured" in card
     assert "| folder | DSC |" in card
 

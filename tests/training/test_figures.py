@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import skip_or_fail
-from tests.figure_checks import assert_figure
+from tests.output_checks import assert_figure
 from training.common.figures import frame_similarity_figure, pretraining_figure, segmentation_figure
 from training.metrics import image_dice, pooled_dice_iou
 

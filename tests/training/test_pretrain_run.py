@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.figure_checks import assert_figure
+from tests.output_checks import assert_figure, assert_no_local_paths
 from training import pretrain
 from training.data.datasets import build_manifest
 from training.common.checkpoint import list_checkpoints
@@ -90,10 +90,13 @@ def test_non_finite_loss_stops_with_step_terms_and_checkpoint(tmp_path, manifest
     assert "non-finite loss at step" in msg and "'cls'" in msg and "checkpoint_0000000" in msg, msg
 
 
-def _check_export_card(folder: Path, checkpoint: Path, samples: int) -> str:
+def _check_export_card(folder: Path, checkpoint: Path, samples: int, local_root: Path) -> str:
     """The exported README.md: rendered from model_cards/ (ModelCardData front matter), parses back with
-    huggingface_hub.ModelCard, has a licence, every template section and the numbers the export measured."""
+    huggingface_hub.ModelCard, has a licence, every template section and the numbers the export measured; no file of
+    the folder names a local path (the manifest, the checkpoint and the output lie under ``local_root``)."""
     from huggingface_hub import ModelCard
+
+    assert_no_local_paths(folder, local_root, REPO)
 
     from conversion.model_card import SECTIONS, validate_card
 
@@ -177,7 +180,9 @@ def test_torchrun_interrupt_resume_equals_uninterrupted_then_export(tmp_path, ma
     for k, v in model.state_dict().items():
         assert torch.equal(v, b["teacher"]["backbone." + k]), k
     processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
-    text = _check_export_card(tmp_path / "hf", run / "checkpoints" / "checkpoint_00000030.pth", samples=8)
+    text = _check_export_card(tmp_path / "hf", run / "checkpoints" / "checkpoint_00000030.pth", samples=8,
+                              local_root=manifest.parent.parent)
+    assert "manifest.txt (sha256 " in text  # data.manifest in the shown config: base name + sha256
     assert "step 30 (epoch 15, 2 process(es))" in text and "batch_size_per_gpu: 2" in text
     with torch.no_grad():
         feats = model(**processor(torch.zeros(3, 64, 64, dtype=torch.uint8), return_tensors="pt"))
@@ -194,7 +199,8 @@ def test_quickstart_produces_its_files(tmp_path, caplog):
     assert_figure(tmp_path / "frame_similarity.png", (1100, 480))
     from training.common.checkpoint import latest_checkpoint
 
-    _check_export_card(tmp_path / "exported", latest_checkpoint(tmp_path / "run" / "checkpoints"), samples=4)
+    _check_export_card(tmp_path / "exported", latest_checkpoint(tmp_path / "run" / "checkpoints"), samples=4,
+                       local_root=tmp_path)
     assert sorted(p.name for p in (tmp_path / "run" / "figures").iterdir())
     # a second run refuses to replace the first one's files unless told to
     before = (tmp_path / "exported" / "model.safetensors").read_bytes()

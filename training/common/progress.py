@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["finish", "progress_bar", "redirect_logging"]
+__all__ = ["finish", "progress_bar", "redirect_logging", "track"]
 
 
 class _NoBar:
@@ -34,6 +34,15 @@ def progress_bar(total: int | None, desc: str, *, initial: int = 0, unit: str = 
 
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
                 leave=True)
+
+
+def track(iterable, desc: str, *, unit: str = "batch", enabled: bool = True):
+    """``iterable`` with a progress bar (its length as the total when it has one)."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 def redirect_logging():

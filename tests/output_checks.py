@@ -1,4 +1,5 @@
-"""What every figure test checks on the written PNG: a real PNG of the expected pixel size that is not blank."""
+"""Checks on what the jobs write: figures (a real PNG of the expected size, not blank) and published folders
+(no local paths)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def assert_figure(path: str | Path, size: tuple[int, int], min_ink: float = 0.05
     ink = float((rgb != background).any(axis=1).mean())
     assert ink >= min_ink, f"{path.name}: only {ink:.1%} of the pixels differ from the background"
     assert len(colours) >= min_colours, f"{path.name}: only {len(colours)} distinct colours"
+
+
+def assert_no_local_paths(folder: str | Path, *roots: str | Path) -> None:
+    """No text file in ``folder`` (cards, configs, JSON) names a local path under any of ``roots``."""
+    folder = Path(folder)
+    needles = {str(Path(r).resolve()) for r in roots} | {str(r) for r in roots}
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix in (".md", ".json", ".yaml", ".yml", ".txt"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for needle in needles:
+                assert needle not in text, f"{path.relative_to(folder)} names the local path {needle}"
