@@ -3,12 +3,18 @@
     python -m training.distill --config training/configs/distill/debug_cpu.yaml --output-dir runs/debug
     torchrun --nproc_per_node=2 -m training.distill --config ... --output-dir ... train.max_steps=4
 
-Configs: `training/configs/distill/*.yaml`, then `key.sub=value` overrides from the command line (values parsed as
-YAML). The resolved config is written to `OUTPUT_DIR/config.yaml`. Checkpoints (`OUTPUT_DIR/checkpoints/last.pt`,
-`best.pt`) are written atomically and hold the student + KD modules, optimizer, schedule position, RNG states and the
-config; a run restarted with the same `--output-dir` resumes from `last.pt` (or `--resume PATH`).
-Upstream: ``train_TransKDBase.py``, ``train_TransKD_GLMixer.py``, ``train_TransKD_EA.py`` of RuipingL/TransKD at
-commit 39ab795d; training/README_distill.md documents the recipe flags.
+Configuration: the defaults (training/distill.py DEFAULTS) <- --config YAML (training/configs/distill/*.yaml) <-
+key.sub=value overrides (values parsed as YAML); an unknown key is an error that names it.
+
+OUTPUT_DIR receives config.yaml (resolved), checkpoints/last.pt and best.pt (best val mIoU; atomic, weights_only-
+loadable: student + KD modules, optimizer, schedule position, per-rank RNG states, config), summary.json and
+figures/val_overlays_step_*.png (train.overlay_images val images: image | ground truth | prediction with its Dice).
+A run restarted with the same --output-dir resumes from last.pt (or --resume PATH). A progress bar runs on rank 0; the
+run ends with what it wrote and the export command (python -m training.export_student CHECKPOINT --output-dir DIR).
+
+Exit status: 0 done, 2 bad configuration or checkpoint (one line on stderr), 3 non-finite loss.
+Upstream: train_TransKDBase.py, train_TransKD_GLMixer.py, train_TransKD_EA.py of RuipingL/TransKD at commit 39ab795d;
+training/README_distill.md documents the recipe flags.
 """
 
 from __future__ import annotations
@@ -77,7 +83,8 @@ DEFAULTS: dict = {
     },
     "loss": {
         "class_weights": "erfnet",  # erfnet | null (all 1) | list
-        "void_class": 19,  # labels == ignore_index -> this class, weight 0 (train_TransKDBase.py:72); null: ignore_index
+        # labels == ignore_index -> this class, weight 0 (train_TransKDBase.py:72); null: plain ignore_index
+        "void_class": 19,
         "ignore_index": 255,
     },
     "data": {
@@ -202,7 +209,8 @@ def build_datasets(cfg: dict):
 
 def epoch_lr(cfg: dict, epoch: int) -> float:
     """Learning rate of 0-based `epoch`: upstream's PolynomialLRDecay stepped once per epoch and once in its
-    constructor, so epoch e (1-based) trains at lr * (1 - e / max_decay_epochs) ** power (train_TransKDBase.py:170, 293)."""
+    constructor, so epoch e (1-based) trains at lr * (1 - e / max_decay_epochs) ** power (train_TransKDBase.py:170,
+    293)."""
     sc = cfg["schedule"]
     e = min(epoch + (1 if sc["prestep"] else 0), sc["max_decay_epochs"])
     return cfg["optim"]["lr"] * (1.0 - e / sc["max_decay_epochs"]) ** sc["power"]
@@ -234,10 +242,11 @@ def evaluate(student, loader, num_labels: int, void_class: int | None, ignore_in
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUTPUT_DIR/checkpoints/last.pt if present)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    parser.add_argument("--config", required=True, help="YAML file (training/configs/distill/*.yaml)")
+    parser.add_argument("--output-dir", required=True, help="run folder (config, checkpoints, summary, figures)")
+    parser.add_argument("--resume", default=None,
+                        help="checkpoint to resume from (default: OUTPUT_DIR/checkpoints/last.pt if present)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. train.max_steps=4")
     return parser
 
 

@@ -4,8 +4,12 @@
 Single process or torchrun + DDP (gloo on CPU, nccl on GPU). ``--output-dir`` receives ``config.yaml`` (resolved),
 ``log.jsonl`` (train loss per logged step, validation metrics per epoch), ``checkpoints/checkpoint_{step:08d}.pth``
 (atomic, plain data, resumable with ``--resume auto``), ``eval_test.json`` (the best model on the test split),
-``export_card.json`` (what the card was rendered from) and ``model/``: the best model as a ``save_pretrained`` folder
-with ``preprocessor_config.json`` and a generated ``README.md`` card.
+``figures/test_overlays.png`` (segmentation: ``log.overlay_images`` test images, image | ground truth | prediction
+with its Dice), ``export_card.json`` (what the card was rendered from) and ``model/``: the best model as a
+``save_pretrained`` folder with ``preprocessor_config.json`` and a generated ``README.md`` card (local paths appear
+there as base names). A progress bar runs on rank 0; the run ends with what it wrote and the next commands.
+
+Exit status: 0 done, 2 bad configuration or checkpoint (one line on stderr), 3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ FORMAT = "openus_hub.downstream/1"
 def get_args_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (training/configs/downstream/*.yaml); unset keys keep the defaults")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="run folder (config, log, checkpoints, results, model/)")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in OUTPUT_DIR/checkpoints) or a path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
     return p

@@ -1,9 +1,9 @@
-"""Evaluate OpenUS downstream models (upstream ``test_linear.py``, ``test_segmentation.py``, ``calculate_dice_iou.py``)
+r"""Evaluate OpenUS downstream models (upstream ``test_linear.py``, ``test_segmentation.py``, ``calculate_dice_iou.py``)
 and summarise runs over seeds.
 
     # a saved folder (AutoModelForSemanticSegmentation / AutoModelForImageClassification) on a dataset split
     python -m training.evaluate segmentation --model DIR --config training/configs/downstream/busbra_seg.yaml \
-        --output results.json [--split test] [--save-masks PRED_DIR] [key=value ...]
+        --output results.json [--split test] [--save-masks PRED_DIR] [--figure overlays.png] [key=value ...]
     python -m training.evaluate classification --model DIR --config training/configs/downstream/busi_linear.yaml \
         --output results.json
     # upstream's offline script (calculate_dice_iou.py): saved PNG predictions vs ground truth, both binarised > 0
@@ -105,8 +105,8 @@ def finish_classification(states: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def write_segmentation_overlays(path: str | Path, logits_fn: Callable[[torch.Tensor], torch.Tensor], samples: list[dict],
-                                *, title: str, class_names: list[str], mean: tuple[float, ...] | None,
+def write_segmentation_overlays(path: str | Path, logits_fn: Callable[[torch.Tensor], torch.Tensor],
+                                samples: list[dict], *, title: str, class_names: list[str], mean: tuple[float, ...] | None,
                                 std: tuple[float, ...] | None, ignore_index: int | None = 255,
                                 exclude: tuple[int, ...] = ()):
     """Image | ground truth | prediction for each sample (``{"pixel_values": (3, H, W), "labels": (h, w)}``), the
@@ -238,26 +238,33 @@ def _model_eval(args, task: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for task in ("segmentation", "classification"):
-        s = sub.add_parser(task)
+        s = sub.add_parser(task, help=f"a saved {task} folder on a dataset split",
+                           description=f"Evaluate a saved {task} folder (save_pretrained) on a split of the dataset "
+                                       "that --config describes; metrics as JSON (--output or stdout).")
         s.add_argument("--model", required=True, help="a folder saved with save_pretrained")
         s.add_argument("--config", required=True, help="the downstream YAML (its data section is used)")
-        s.add_argument("--split", default="test", choices=("train", "val", "test"))
+        s.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
         s.add_argument("--output", default=None, help="JSON file (default: stdout)")
         if task == "segmentation":
             s.add_argument("--save-masks", default=None, help="write the predicted masks as 0/255 PNGs here")
-            s.add_argument("--figure", default=None, help="write a PNG of image | ground truth | prediction (with Dice) "
-                           "for the first --figure-images images of the split")
-            s.add_argument("--figure-images", type=int, default=4)
-        s.add_argument("overrides", nargs="*")
-    s = sub.add_parser("offline")
-    s.add_argument("--pred", required=True)
-    s.add_argument("--gt", required=True)
-    s.add_argument("--output", default=None)
-    s = sub.add_parser("summarize")
+            s.add_argument("--figure", default=None, help="write a PNG of image | ground truth | prediction "
+                           "(with Dice) for the first --figure-images images of the split")
+            s.add_argument("--figure-images", type=int, default=4, help="images in --figure (default 4)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides of the config, e.g. data.root=/data/BUSI")
+    s = sub.add_parser("offline", help="saved prediction PNGs vs ground truth (upstream calculate_dice_iou.py)",
+                       description="Dice and IoU of saved prediction masks against ground-truth masks, both "
+                                   "binarised > 0, paired by the number in the file name (upstream "
+                                   "calculate_dice_iou.py): mean, std, median, min, max.")
+    s.add_argument("--pred", required=True, help="folder of predicted masks (PNG/JPG)")
+    s.add_argument("--gt", required=True, help="folder of ground-truth masks")
+    s.add_argument("--output", default=None, help="JSON file (default: stdout)")
+    s = sub.add_parser("summarize", help="mean ± std over runs -> summary.json, summary.md (and a card)",
+                       description="Mean and population std of each reported metric over runs (seeds): writes "
+                                   "summary.json and summary.md; --card re-renders an exported folder's README.md "
+                                   "with the table and the model-index results.")
     s.add_argument("runs", nargs="+", help="run folders (eval_test.json inside) or result JSON files")
     s.add_argument("--output-dir", required=True)
     s.add_argument("--card", default=None, help="an exported model folder whose README.md gets the table")

@@ -6,7 +6,7 @@ Writes `config.json` + `model.safetensors` (loadable with plain `transformers.Se
 openus_hub needed), `preprocessor_config.json` (SegFormer image processor with the training resolution and
 normalisation) and a `README.md` model card rendered from `model_cards/` (`conversion.model_card`, base metadata: the
 TransKD student card of the run's variant) with teacher, data, recipe, params/FLOPs of teacher and student, val mIoU
-and the measured reload difference.
+and the measured reload difference, and `distillation.json` (the numbers, the validation history and the recipe).
 Publish the folder with `openus-hub push FOLDER --repo-id ORG/NAME` (it checks the folder, then uploads it in one
 commit). Local paths of the run (teacher folder, data root, checkpoint) appear in the card and `distillation.json`
 as base names with a sha256, never as absolute paths.
@@ -140,7 +140,8 @@ def card_metadata(ckpt: dict, numbers: dict, name: str | None = None, checkpoint
                    if tr.get("max_steps") else ""))
     into = state.get("batch_in_epoch") or 0
     saved_at = (f"`{checkpoint_name}`, saved at optimiser step {state['step']} after "
-                f"{_count(state['epoch'], 'complete epoch')}" + (f" and {_count(into, 'step')} of the next" if into else ""))
+                f"{_count(state['epoch'], 'complete epoch')}"
+                + (f" and {_count(into, 'step')} of the next" if into else ""))
     data_line = (f"{dataset} (train split `{d['train_split']}`, val split `{d['val_split']}`); input "
                  f"{d['height']}x{d['width'] or 'auto'}, labels at {d['label_scale']}x resolution")
     model_details = "\n".join([
@@ -307,8 +308,9 @@ def export(checkpoint: str, output_dir: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("checkpoint", help="a distillation checkpoint (OUTPUT_DIR/checkpoints/best.pt or last.pt)")
+    parser.add_argument("--output-dir", required=True,
+                        help="folder to write (created if needed; files of the same names in it are replaced)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -1,12 +1,22 @@
-"""OpenUS pretraining: self-adaptive masked contrastive learning (upstream ``main_openus.py``), one process or torchrun.
+r"""OpenUS pretraining: self-adaptive masked contrastive learning (upstream main_openus.py), one process or torchrun.
 
-    python -m training.pretrain --config training/configs/debug_cpu.yaml --output-dir runs/debug [key=value ...]
+    python -m training.pretrain --config training/configs/debug_cpu.yaml --output-dir runs/debug data.manifest=M
     torchrun --nproc_per_node=4 -m training.pretrain --config training/configs/openus_small_paper.yaml \
         --output-dir runs/paper data.manifest=/data/us308k/manifest.txt
     ... --resume auto   # continue from the latest checkpoint in OUTPUT_DIR/checkpoints
 
-``--output-dir`` receives ``config.yaml`` (resolved), ``log.jsonl`` (per-term losses), ``checkpoints/``, ``figures/``
-and, with ``log.tensorboard=true``, TensorBoard events. Exit status 0 on success, 3 on a non-finite loss.
+Configuration: the defaults (training/pretrain.py DEFAULTS = the paper run) <- --config YAML <- key=value overrides;
+an unknown key is an error that names it. A manifest of the data (data.manifest) is required: write one with
+python -m training.data.datasets FOLDER --output FILE.
+
+OUTPUT_DIR receives config.yaml (resolved), log.jsonl (lr, schedules and every loss term per logged step),
+checkpoints/checkpoint_{step:08d}.pth (atomic, weights_only-loadable), figures/step_*.png with
+log.figure_every_steps=N (per global crop: crop | teacher attention on its token grid | mask | masked
+reconstruction) and, with log.tensorboard=true, TensorBoard events. A progress bar runs on rank 0; the run ends with
+what it wrote and the export command (python -m training.export_pretrained CHECKPOINT --output-dir DIR).
+
+Exit status: 0 done, 2 bad configuration or checkpoint (one line on stderr), 3 non-finite loss (the message names the
+step, every loss term and the last good checkpoint).
 """
 
 from __future__ import annotations
@@ -93,9 +103,9 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (training/configs/*.yaml); unset keys keep the defaults")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="run folder (config, log, checkpoints, figures)")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in OUTPUT_DIR/checkpoints) or a path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
     return p
@@ -142,8 +152,9 @@ def build_networks(cfg: dict) -> tuple[OpenUSPretrainNetwork, OpenUSPretrainNetw
 def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks, prev_importance, epoch: int,
                  epochs: int, mcfg: dict, gen: torch.Generator | None):
     """One step of upstream ``train_one_epoch`` (``main_openus.py:505-582``): teacher targets and attention, the
-    self-adaptive mask, the student on masked global and local crops, iBOT + reconstruction losses. Returns (total loss, loss terms, global masks, normalised teacher
-    attention, the new feedback signal (B, L) for the next step's mask)."""
+    self-adaptive mask, the student on masked global and local crops, iBOT + reconstruction losses. Returns (total
+    loss, loss terms, global masks, normalised teacher attention, the new feedback signal (B, L) for the next step's
+    mask)."""
     n_local = 0 if locals_ is None else 1
     alpha, m_t = mask_schedules(epoch, epochs, mcfg["alpha_init"], mcfg["alpha_final"], mcfg["alpha_schedule"],
                                 mcfg["adaptive_weighting"])

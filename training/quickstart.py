@@ -23,7 +23,7 @@ OUTPUTS = ("frames", "manifest.txt", "run", "exported", "frame_similarity.png") 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="quickstart_out")
     p.add_argument("--steps", type=int, default=6, help="pretraining steps (default 6)")
     p.add_argument("--frames", type=int, default=8, help="echo frames to train on and embed (default 8, at most 30)")

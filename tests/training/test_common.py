@@ -261,3 +261,25 @@ def test_portable_paths(tmp_path):
     cfg = {"model": {"init_from": str(model)}, "data": {"manifest": str(f), "batch": 2}}
     out = portable_config(cfg, ("model.init_from", "data.manifest", "data.absent"))
     assert out["data"]["batch"] == 2 and str(tmp_path) not in repr(out) and str(tmp_path) in repr(cfg)
+
+
+ENTRY_POINTS = ("training.pretrain", "training.distill", "training.export_student", "training.export_pretrained",
+                "training.linear_probe", "training.finetune_segmentation", "training.evaluate", "training.quickstart",
+                "training.data.datasets")
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_help_texts_run_and_speak_to_users(name, capsys):
+    import importlib
+
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage:" in text and len(text) > 300
+    # nothing that points at the project's own process or at documents outside the repository
+    for word in ("issue", "spec §", "shared/specs", "TODO"):
+        assert word not in text, (name, word)
+    if name not in ("training.data.datasets", "training.evaluate"):
+        assert "--output-dir" in text

@@ -8,6 +8,7 @@
 | ``distributed`` | torchrun process-group set-up and the few collectives the jobs use |
 | ``errors`` | the errors the entry points turn into exit statuses (2: usage, 3: non-finite loss) |
 | ``run_info`` | git revision and run metadata; paths made portable for what an export publishes |
+| ``figures`` | the figures (matplotlib, ``plot`` extra): frame similarity, pretraining panels, segmentation overlays |
 | ``progress`` | progress bars and the closing "wrote X; next: Y" line |
 | ``schedulers`` | per-iteration cosine schedules |
 """
