@@ -302,7 +302,8 @@ def export(checkpoint: str, output_dir: str) -> dict:
     finish(logger, f"{out} (stock SegFormer: config.json, model.safetensors, preprocessor_config.json, README.md, "
                    f"distillation.json; max |logit difference| after reload {diff:.2e})",
            [f"openus-hub push {out} --repo-id ORG/NAME --dry-run   # check, then drop --dry-run to upload",
-            f"python -m benchmarks.bench_students --student-folder {out}   # params, FLOPs, CPU latency"])
+            f"python -m benchmarks.bench_students --student {out} --teacher TEACHER_FOLDER   # params, FLOPs, "
+            "latency"])
     return numbers
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 BANNER = ("NOTE: pipeline demonstration only: a tiny, randomly initialised model trained for a few steps on a few "
           "frames. It is NOT a useful pretrained model and NOT for clinical use.")
-OUTPUTS = ("frames", "manifest.txt", "run", "exported", "frame_similarity.png")  # what --overwrite may replace
+OUTPUTS = ("frames", "manifest.txt", "run", "exported", "frame_similarity.png",
+           "embeddings.npz")  # what --overwrite may replace: ours, and the file our closing line suggests
 
 
 def main(argv: list[str] | None = None) -> int:
