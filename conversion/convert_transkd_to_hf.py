@@ -67,7 +67,7 @@ COMMON = {"num_attention_heads": [1, 2, 5, 8], "sr_ratios": [8, 4, 2, 1], "patch
           "attention_probs_dropout_prob": 0.0, "classifier_dropout_prob": 0.1, "drop_path_rate": 0.1,
           "layer_norm_eps": UPSTREAM_BLOCK_EPS, "reshape_last_stage": True}
 
-# KD-module key groups (keys after 'module.' is stripped, never under 'student.'); spec §3
+# KD-module key groups (keys after 'module.' is stripped, never under 'student.'); CSF.py, CSF_GLMixer.py, CSF_EA.py
 KD_GROUPS = {
     "CSF (skfs.*)": r"^skfs\.",
     "PEA (embed*_linearproject.*)": r"^embed\d_linearproject\.",
@@ -219,7 +219,7 @@ def set_upstream_layernorm_eps(model) -> int:
 
 
 def reference_forward(state: dict, pixel_values: torch.Tensor, arch: str) -> dict:
-    """Upstream TransKD/SegFormer eval forward (spec §1.2) written functionally on the *original* state dict keys.
+    """Upstream TransKD/SegFormer eval forward (``train/models/Segformer.py:134-426``) written functionally on the *original* state dict keys.
     Independent of the key map: used to check a conversion. Returns logits (1/4 res), feats (4 stage maps after
     ``norm{s}``) and embeds (4 patch-embedding token tensors)."""
     sd, a = state, {**ARCHS[arch], **COMMON}
