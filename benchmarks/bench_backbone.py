@@ -73,7 +73,7 @@ def peak_memory_mb(name: str, batch: int, size: int, device: str, dtype: str) ->
     it (Linux: the high-water mark is reset through /proc/self/clear_refs first); -1 where that is unavailable.
     """
     code = (
-        "import torch, sys; sys.path.insert(0, %r);"
+        "import torch;"  # run with cwd = the repository root: `python -c` puts it first on the path
         "from benchmarks.bench_backbone import build, _rss_kb;"
         "d = torch.device(%r); dt = getattr(torch, %r);"
         "m = build(%r).to(device=d, dtype=dt).eval(); x = torch.randn(%d, 3, %d, %d, device=d, dtype=dt);"
@@ -83,8 +83,9 @@ def peak_memory_mb(name: str, batch: int, size: int, device: str, dtype: str) ->
         "torch.inference_mode()(m)(x);"
         "peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb()[1] * 1024;"
         "print((peak - base) / 2**20 if base >= 0 else -1)"
-    ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), device, dtype, name, batch, size, size)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    ) % (device, dtype, name, batch, size, size)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,8 +1,10 @@
 """Throughput of one OpenUS pretraining step (teacher + adaptive mask + student on 2 global and N local crops +
 losses + backward + AdamW + EMA), on random inputs, one process.
 
-    python benchmarks/bench_pretrain.py --device cuda                 # openus-small, paper batch 32 per GPU
-    python benchmarks/bench_pretrain.py --tiny --batch-size 2 --steps 2  # CPU smoke run
+    python -m benchmarks.bench_pretrain --device cuda                 # openus-small, paper batch 32 per GPU
+    python -m benchmarks.bench_pretrain --tiny --batch-size 2 --steps 2  # CPU smoke run
+
+Run from the repository root (``-m``): it imports ``training``, which is not installed.
 
 Prints images/s (images = source images, each giving 2 + N crops), seconds per step and peak memory.
 """
@@ -13,23 +15,19 @@ import argparse
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from openus_hub import OpenUSConfig  # noqa: E402
-from training.losses.ibot_loss import IBOTLoss  # noqa: E402
-from training.pretrain import forward_step  # noqa: E402
-from training.ssl_meta_arch import (  # noqa: E402
+from openus_hub import OpenUSConfig
+from training.losses.ibot_loss import IBOTLoss
+from training.pretrain import DEFAULTS, forward_step
+from training.ssl_meta_arch import (
     OpenUSPretrainNetwork,
     build_teacher,
     clip_gradients,
     ema_update,
     param_groups,
 )
-from training.utils.pretrain_config import DEFAULTS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_students                       # SegFormer-B2 -> B0 at 512x1024 (TransKD)
     python -m benchmarks.bench_students --teacher openus-tiny --latency-size 256 256
-    python -m benchmarks.bench_students --student-folder EXPORTED --teacher-folder TEACHER
+    python -m benchmarks.bench_students --student EXPORTED --teacher TEACHER
 
 FLOPs: module multiply-accumulates (Conv/Linear/norms) at 1x3x512x1024, without attention matmuls or bilinear
 upsampling, counted by `training.kd.flops` (TransKD reports B2 113.84 G, B0 13.67 G). KD-module rows give the

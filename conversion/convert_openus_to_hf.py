@@ -1,6 +1,6 @@
 """Convert an upstream OpenUS checkpoint (XZheng0427/OpenUS) into an openus_hub folder (config.json + safetensors).
 
-Accepted inputs (spec §2.7, §5):
+Accepted inputs (upstream checkpoint layout: ``main_openus.py:417-430`` of XZheng0427/OpenUS at commit 6b9f6d2e):
 
 * an upstream pretraining checkpoint ``checkpoint00X0.pth`` (``student``/``teacher``/``optimizer``/``args``/...),
   loaded with ``torch.load(weights_only=True)`` and an explicit allowlist (it pickles an ``argparse.Namespace`` and
@@ -13,7 +13,7 @@ shapes; no preset name is needed. Every key is accounted for: renamed, or droppe
 group; anything else is an error.
 
 With ``--seg-head HEAD`` the output is one ``OpenUSForSemanticSegmentation`` folder (backbone + upstream MambaDecoder
-head, spec §3.2), loadable with ``AutoModelForSemanticSegmentation``. ``HEAD`` is what upstream's
+head, ``vmamba_models/MambaDecoder.py:151-280``), loadable with ``AutoModelForSemanticSegmentation``. ``HEAD`` is what upstream's
 ``eval_segmentation.py`` saves (``{epoch, state_dict, optimizer, scheduler, best_miou, best_dice}``, the head's keys
 ``decoder.*``), or a plain state dict (``.safetensors``/``.pth``) holding the head as top-level ``decoder.*`` keys,
 e.g. beside ``backbone.*``; ``--seg-head`` without a value takes the head from ``--checkpoint``. The decoder's width,
@@ -535,11 +535,10 @@ def _card_name(config_kwargs: dict) -> str:
 def _card_writer(model, args, report):
     """``finalize`` for save_atomic: self-check the saved folder, then write README.md with the measured numbers."""
     def finalize(folder: str) -> None:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        try:
+        if __package__:  # imported as the `conversion` package
+            from .model_card import CardError, write_card
+        else:  # run as a script: this folder is on sys.path
             from model_card import CardError, write_card
-        finally:
-            sys.path.pop(0)
         checks = self_check(model, folder)
         report["self_check_max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
         sources = [args.checkpoint] + ([args.seg_head] if args.seg_head not in (None, SEG_HEAD_FROM_CHECKPOINT) else [])

@@ -67,7 +67,7 @@ COMMON = {"num_attention_heads": [1, 2, 5, 8], "sr_ratios": [8, 4, 2, 1], "patch
           "attention_probs_dropout_prob": 0.0, "classifier_dropout_prob": 0.1, "drop_path_rate": 0.1,
           "layer_norm_eps": UPSTREAM_BLOCK_EPS, "reshape_last_stage": True}
 
-# KD-module key groups (keys after 'module.' is stripped, never under 'student.'); spec §3
+# KD-module key groups (keys after 'module.' is stripped, never under 'student.'); CSF.py, CSF_GLMixer.py, CSF_EA.py
 KD_GROUPS = {
     "CSF (skfs.*)": r"^skfs\.",
     "PEA (embed*_linearproject.*)": r"^embed\d_linearproject\.",
@@ -219,7 +219,7 @@ def set_upstream_layernorm_eps(model) -> int:
 
 
 def reference_forward(state: dict, pixel_values: torch.Tensor, arch: str) -> dict:
-    """Upstream TransKD/SegFormer eval forward (spec §1.2) written functionally on the *original* state dict keys.
+    """Upstream TransKD/SegFormer eval forward (``train/models/Segformer.py:134-426``) written functionally on the *original* state dict keys.
     Independent of the key map: used to check a conversion. Returns logits (1/4 res), feats (4 stage maps after
     ``norm{s}``) and embeds (4 patch-embedding token tensors)."""
     sd, a = state, {**ARCHS[arch], **COMMON}
@@ -347,11 +347,10 @@ def save(model, report: dict, args) -> None:
         if card is None:
             raise ConversionError("--variant b0 is a plain student with no named card; pass --card-name NAME "
                                   "(a file in model_cards/) or --no-card")
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        try:
+        if __package__:  # imported as the `conversion` package
+            from .model_card import CardError, write_card
+        else:  # run as a script: this folder is on sys.path
             from model_card import CardError, write_card
-        finally:
-            sys.path.pop(0)
         n_dropped = sum(len(v) for v in report["dropped"].values())
         verification = {
             "source_file": os.path.basename(args.checkpoint), "source_sha256": sha256_file(args.checkpoint),

@@ -1,12 +1,32 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install openus_hub with its test and timm extras. Idempotent.
+# Create .venv (if missing) and install openus_hub with its test, timm and plot extras. Idempotent: a second run only
+# checks what is there.
+#
+# What it installs, and roughly how large (measured on Linux x86-64, Python 3.11):
+#   1. torch 2.14.1 + torchvision 0.29.1: the default torch build is a CUDA build (it also runs on a CPU) and pulls
+#      in NVIDIA's CUDA libraries: about 3 GB of wheels, about 5.5 GB installed. Installed first so that the package's
+#      version ranges install nothing more.
+#   2. openus_hub (editable) with transformers, huggingface_hub, safetensors, pydicom, timm, matplotlib, pytest,
+#      jupyter's kernel and their dependencies: about 0.5 GB installed.
+# Expect about 6 GB in .venv and several minutes (most of it unpacking torch and the CUDA libraries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$SECONDS
+step() { printf '\n==> [%s] %s\n' "$1" "$2"; }
+
 if [ ! -x .venv/bin/python ]; then
+  step 1/4 "creating .venv with $(python3 --version)"
   python3 -m venv .venv
+else
+  step 1/4 "using the existing .venv ($(.venv/bin/python --version))"
 fi
-.venv/bin/pip install --quiet --upgrade pip
-# torchvision (for timm) needs its matching torch: 2.14.1 + 0.29.1 (on our machines both come from local disk; the
-# torch build is a CUDA one that runs on CPU). Installed first, so the package's ranges install nothing more.
-.venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/pip install --quiet -e ".[test,timm]"
+step 2/4 "upgrading pip"
+.venv/bin/pip install --upgrade --progress-bar on pip
+step 3/4 "torch 2.14.1 + torchvision 0.29.1 (CUDA build, runs on CPU too): ~3 GB of wheels, ~5.5 GB installed"
+.venv/bin/pip install --progress-bar on "torch==2.14.1" "torchvision==0.29.1"
+step 4/4 "openus_hub (editable) with the test, timm and plot extras: ~0.5 GB installed"
+.venv/bin/pip install --progress-bar on -e ".[test,timm,plot]"
+
+printf '\n==> done in %d s: .venv holds %s\n' "$((SECONDS - start))" "$(du -sh .venv 2>/dev/null | cut -f1)"
+printf 'next: .venv/bin/python -m training.quickstart --output-dir quickstart_out   # the main job\n'
+printf '      .venv/bin/python -m pytest -q                                         # the tests\n'

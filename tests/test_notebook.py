@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.output_checks import assert_figure
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -24,9 +26,7 @@ def test_feature_extraction_notebook_runs(tmp_path, monkeypatch):
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()
-    for name in ("cosine_similarity.png", "patch_token_pca.png"):
-        path = figures / name
-        assert path.is_file() and path.stat().st_size > 1000, name
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_figure(figures / "cosine_similarity.png", (1100, 480))
+    assert_figure(figures / "patch_token_pca.png", (1200, 400))
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "(30, " in outputs and "heuristic" in outputs and "pooled (30, 64)" in outputs

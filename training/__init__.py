@@ -1,4 +1,5 @@
-"""OpenUS pretraining (self-adaptive masked contrastive learning, spec §2) on top of openus_hub.
+"""Training on top of openus_hub: OpenUS pretraining (self-adaptive masked contrastive learning, upstream
+``main_openus.py`` of XZheng0427/OpenUS), TransKD distillation and downstream fine-tuning/evaluation.
 
 Not installed with the package: run from the repository root (``python -m training.pretrain ...``). This package
 imports openus_hub; openus_hub never imports it.

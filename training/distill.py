@@ -3,32 +3,40 @@
     python -m training.distill --config training/configs/distill/debug_cpu.yaml --output-dir runs/debug
     torchrun --nproc_per_node=2 -m training.distill --config ... --output-dir ... train.max_steps=4
 
-Configs: `training/configs/distill/*.yaml`, then `key.sub=value` overrides from the command line (values parsed as
-YAML). The resolved config is written to `OUTPUT_DIR/config.yaml`. Checkpoints (`OUTPUT_DIR/checkpoints/last.pt`,
-`best.pt`) are written atomically and hold the student + KD modules, optimizer, schedule position, RNG states and the
-config; a run restarted with the same `--output-dir` resumes from `last.pt` (or `--resume PATH`).
-Spec: ../shared/specs/transkd.md §3-§5; README_distill.md documents the recipe flags.
+Configuration: the defaults (training/distill.py DEFAULTS) <- --config YAML (training/configs/distill/*.yaml) <-
+key.sub=value overrides (values parsed as YAML); an unknown key is an error that names it.
+
+OUTPUT_DIR receives config.yaml (resolved), checkpoints/last.pt and best.pt (best val mIoU; atomic, weights_only-
+loadable: student + KD modules, optimizer, schedule position, per-rank RNG states, config), summary.json and
+figures/val_overlays_step_*.png (train.overlay_images val images: image | ground truth | prediction with its Dice).
+A run restarted with the same --output-dir resumes from last.pt (or --resume PATH). A progress bar runs on rank 0; the
+run ends with what it wrote and the export command (python -m training.export_student CHECKPOINT --output-dir DIR).
+
+Exit status: 0 done, 2 bad configuration or checkpoint (one line on stderr), 3 non-finite loss.
+Upstream: train_TransKDBase.py, train_TransKD_GLMixer.py, train_TransKD_EA.py of RuipingL/TransKD at commit 39ab795d;
+training/README_distill.md documents the recipe flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
-from training.kd.checkpoint import all_reduce_sum, rng_state, set_rng_state
-from training.utils.checkpoint import load as load_checkpoint
-from training.utils.checkpoint import save_atomic as atomic_torch_save
-from training.utils.distributed import barrier, init_distributed
+from training.common.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from training.common.config import ConfigError, dump_config, load_config
+from training.common.distributed import all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed
+from training.common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from training.common.progress import finish, progress_bar, redirect_logging
+from training.common.rng import rng_state, seed_everything, set_rng_state
+from training.common.run_info import run_metadata
 from training.kd.data import (
     ACDCDataset,
     CityscapesDataset,
@@ -39,11 +47,12 @@ from training.kd.data import (
 )
 from training.kd.distiller import TransKDDistiller
 from training.kd.features import TeacherFeatures
-from training.kd.metrics import IoUAccumulator
 from training.kd.student import apply_upstream_numerics, build_student, segformer_config
 from training.losses import ERFNET_CITYSCAPES_WEIGHTS, TransKDLoss, WeightedCrossEntropyLoss
+from training.metrics import IoUAccumulator
 
 logger = logging.getLogger("training.distill")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 DEFAULTS: dict = {
     "name": "distill",
@@ -58,14 +67,15 @@ DEFAULTS: dict = {
         "preset": "b0",
         "config": {},  # SegformerConfig overrides
         "num_labels": 20,
-        "init": "upstream",  # upstream: SegFormer's own init (spec §1.2); transformers: HF's N(0, 0.02)
-        "upstream_layer_norm_eps": True,  # spec §9 #9
-        "dropout2d": True,  # spec §9 #10
+        "init": "upstream",  # upstream: SegFormer's own init (Segformer.py:273); transformers: HF's N(0, 0.02)
+        "upstream_layer_norm_eps": True,  # eps 1e-6 on block and stage-end norms (Segformer.py:449, 467)
+        "dropout2d": True,  # decode head Dropout2d(0.1) (Segformer.py:292-295), not transformers' Dropout
+        "id2label": None,  # class names {index: name}; None: "0", "1", ...
     },
     "kd": {
         "variant": "base",  # base (CSF+PEA) | gl | ea
         "mid_channels": 64,
-        "gl_alpha_init": 1.0,  # upstream leaves alpha/beta uninitialised (spec §9 #11)
+        "gl_alpha_init": 1.0,  # upstream leaves alpha/beta uninitialised (CSF_GLMixer.py:101-102)
         "gl_beta_init": 1.0,
         "gl_add": False,
         "hcl_weight": 1.0,
@@ -73,7 +83,8 @@ DEFAULTS: dict = {
     },
     "loss": {
         "class_weights": "erfnet",  # erfnet | null (all 1) | list
-        "void_class": 19,  # labels == ignore_index -> this class, weight 0 (spec §9 #1); null: plain ignore_index
+        # labels == ignore_index -> this class, weight 0 (train_TransKDBase.py:72); null: plain ignore_index
+        "void_class": 19,
         "ignore_index": 255,
     },
     "data": {
@@ -86,7 +97,7 @@ DEFAULTS: dict = {
         "label_scale": 0.25,
         "hflip": True,
         "max_shift": 2,
-        "reproduce_shift_quirks": True,  # spec §9 #4
+        "reproduce_shift_quirks": True,  # upstream's translation bugs (training/kd/data.py, CoTransformConfig)
         "mean": None,
         "std": None,
         "mask_rule": "eq255",
@@ -100,10 +111,11 @@ DEFAULTS: dict = {
         "weight_decay": 0.01,
         "betas": [0.9, 0.999],
         "eps": 1.0e-8,
-        "decay_norm_and_bias": True,  # spec §9 #6: one group, everything decayed
+        "decay_norm_and_bias": True,  # upstream: one AdamW group, everything decayed (train_TransKDBase.py:169)
     },
     "schedule": {
-        "max_decay_epochs": 1500,  # spec §9 #5: linear poly over 1500 epochs while training 1000
+        # upstream: linear poly over 1500 epochs while training 1000 (train_TransKDBase.py:170, 538)
+        "max_decay_epochs": 1500,
         "power": 1.0,
         "prestep": True,  # upstream's scheduler steps once in its constructor: epoch e trains at lr*(1-e/1500)
     },
@@ -111,49 +123,25 @@ DEFAULTS: dict = {
         "epochs": 1000,
         "batch_size": 2,
         "max_steps": None,
-        "drop_last": False,  # upstream keeps the odd last batch (SK fc1 path, §9 #12)
+        "drop_last": False,  # upstream keeps the odd last batch (SK's batch-of-1 fc1 path, CSF.py:27-30)
         "eval_every_epochs": 1,
         "val_batch_size": 1,
         "checkpoint_every_steps": None,
         "log_every_steps": 50,
         "seed": 0,
         "find_unused_parameters": True,  # SK's fc/fc1 alternate with the batch size
+        "progress_bar": True,
+        "overlay_images": 4,  # val images drawn with ground truth and prediction at the end (figures/*.png); 0: none
     },
 }
 
 
-def _deep_update(base: dict, new: dict) -> dict:
-    for key, value in (new or {}).items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
+FREE_KEYS = ("teacher.config", "student.config", "student.id2label")  # model-config fields and class names
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
-    if path:
-        with open(path) as f:
-            _deep_update(cfg, yaml.safe_load(f) or {})
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override must be key.sub=value, got {item!r}")
-        key, value = item.split("=", 1)
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return cfg
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except Exception:
-        return None
+def load_distill_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """``DEFAULTS`` <- YAML <- ``key.sub=value`` overrides; unknown keys are errors (:class:`ConfigError`)."""
+    return load_config(path, overrides, defaults=DEFAULTS, free=FREE_KEYS)
 
 
 def build_teacher(cfg: dict) -> torch.nn.Module:
@@ -220,7 +208,9 @@ def build_datasets(cfg: dict):
 
 
 def epoch_lr(cfg: dict, epoch: int) -> float:
-    """Learning rate of 0-based `epoch` (upstream PolynomialLRDecay stepped per epoch, spec §5.2)."""
+    """Learning rate of 0-based `epoch`: upstream's PolynomialLRDecay stepped once per epoch and once in its
+    constructor, so epoch e (1-based) trains at lr * (1 - e / max_decay_epochs) ** power (train_TransKDBase.py:170,
+    293)."""
     sc = cfg["schedule"]
     e = min(epoch + (1 if sc["prestep"] else 0), sc["max_decay_epochs"])
     return cfg["optim"]["lr"] * (1.0 - e / sc["max_decay_epochs"]) ** sc["power"]
@@ -250,22 +240,55 @@ def evaluate(student, loader, num_labels: int, void_class: int | None, ignore_in
     return {"miou": acc.miou(), "iou": [round(float(v), 6) for v in acc.iou()]}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUTPUT_DIR/checkpoints/last.pt if present)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    parser.add_argument("--config", required=True, help="YAML file (training/configs/distill/*.yaml)")
+    parser.add_argument("--output-dir", required=True, help="run folder (config, checkpoints, summary, figures)")
+    parser.add_argument("--resume", default=None,
+                        help="checkpoint to resume from (default: OUTPUT_DIR/checkpoints/last.pt if present)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. train.max_steps=4")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exit status 0, 2 (bad configuration or checkpoint) or 3 (non-finite loss)."""
+    args = get_args_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group starts in run()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=LOG_FORMAT)
+    try:
+        with redirect_logging():
+            run(args)
+    except NonFiniteLossError as err:
+        logger.error("%s", err)
+        return EXIT_NON_FINITE
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        cleanup()
+    return 0
+
+
+def run(args: argparse.Namespace | list[str]) -> dict:
+    """Train; returns the run state (step, epoch, history, evals, best_miou). Raises ConfigError, CheckpointError,
+    NonFiniteLossError."""
+    if not isinstance(args, argparse.Namespace):
+        args = get_args_parser().parse_args(args)
+    cfg = load_distill_config(args.config, args.overrides)
+    if cfg["train"]["overlay_images"]:
+        from training.common.figures import require_matplotlib
+
+        try:
+            require_matplotlib("train.overlay_images=0")
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
 
     rank, world, device = init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=LOG_FORMAT)
     out_dir = Path(args.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     tc = cfg["train"]
-    torch.manual_seed(tc["seed"])
+    seed_everything(tc["seed"])
 
     teacher = TeacherFeatures(build_teacher(cfg)).to(device)
     student = build_student_from_cfg(cfg)
@@ -305,31 +328,30 @@ def main(argv: list[str] | None = None) -> dict:
     val_loader = DataLoader(val_set, batch_size=tc["val_batch_size"], sampler=val_sampler,
                             num_workers=cfg["data"]["num_workers"], generator=torch.Generator().manual_seed(tc["seed"]))
 
+    meta = run_metadata(world)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        resolved = dict(cfg, git_sha=git_sha(), world_size=world)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        dump_config(cfg, out_dir / "config.yaml")
 
     def save(name: str) -> None:
-        gathered = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(gathered, rng_state())
-        else:
-            gathered = [rng_state()]
+        gathered = all_gather_object(rng_state())
         if rank == 0:
-            atomic_torch_save({
+            save_checkpoint({
                 "model": distiller.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                 "rng": gathered, "config": cfg, "student_config": student.config.to_dict(),
                 "teacher_config": teacher.teacher.config.to_dict(), "teacher_type": cfg["teacher"]["type"],
-                "teacher_channels": teacher.channels, "git_sha": git_sha(), "world_size": world,
-            }, str(ckpt_dir / name))
+                "teacher_channels": teacher.channels, **meta,
+            }, ckpt_dir / name)
         barrier()
 
     max_steps = tc["max_steps"]
     void = cfg["loss"]["void_class"]
     num_labels = student.config.num_labels
     model.train()
-    t0 = time.time()
+    t0, start_step = time.time(), state["step"]
+    planned = tc["epochs"] * len(loader) if max_steps is None else min(max_steps, tc["epochs"] * len(loader))
+    bar = progress_bar(planned, f"distill ({cfg['kd']['variant']})", initial=state["step"],
+                       enabled=rank == 0 and tc["progress_bar"])
     while state["epoch"] < tc["epochs"] and (max_steps is None or state["step"] < max_steps):
         epoch = state["epoch"]
         lr = epoch_lr(cfg, epoch)
@@ -346,7 +368,11 @@ def main(argv: list[str] | None = None) -> dict:
             out = model(pixels)
             loss, parts = loss_fn(out.logits, labels, out.fused_features, t_feats, out.aligned_embeddings, t_embeds)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {state['step']}")
+                last = ckpt_dir / "last.pt"
+                raise NonFiniteLossError(
+                    f"non-finite loss {loss.item()} at step {state['step']} (epoch {epoch}); terms "
+                    f"{ {k2: float(v) for k2, v in parts.items()} }; last good checkpoint: "
+                    f"{last if last.exists() else 'none saved yet'}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -355,10 +381,12 @@ def main(argv: list[str] | None = None) -> dict:
             record = {"step": state["step"], "epoch": epoch, "lr": lr, "loss": float(loss.detach()),
                       **{k2: float(v) for k2, v in parts.items()}}
             state["history"].append(record)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
             if rank == 0 and (state["step"] % tc["log_every_steps"] == 0 or state["step"] == 1):
-                logger.info("step %d epoch %d lr %.3g loss %.4f ce %.4f hcl %.4f pe %.4f (%.2fs/step)",
+                logger.info("step %d epoch %d lr %.3g loss %.4f ce %.4f hcl %.4f pe %.4f (%.2f s/step)",
                             state["step"], epoch, lr, record["loss"], record["ce"], record["hcl"], record["pe"],
-                            (time.time() - t0) / state["step"])
+                            (time.time() - t0) / (state["step"] - start_step))
             if tc["checkpoint_every_steps"] and state["step"] % tc["checkpoint_every_steps"] == 0:
                 save("last.pt")
             if max_steps is not None and state["step"] >= max_steps:
@@ -371,19 +399,45 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics = evaluate(student, val_loader, num_labels, void, cfg["loss"]["ignore_index"], device)
                 state.setdefault("evals", []).append({"epoch": state["epoch"], "step": state["step"], **metrics})
                 logger.info("epoch %d val mIoU %.4f", state["epoch"], metrics["miou"])
-                if metrics["miou"] > state["best_miou"]:  # spec §9 #7: best epoch selected on val
+                if metrics["miou"] > state["best_miou"]:  # best epoch selected on val (train_TransKDBase.py:362-393)
                     state["best_miou"] = metrics["miou"]
                     save("best.pt")
         save("last.pt")
+    bar.close()
     if rank == 0:
         summary = {"step": state["step"], "epoch": state["epoch"], "best_miou": state["best_miou"],
                    "last_loss": state["history"][-1]["loss"] if state["history"] else None}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if torch.distributed.is_initialized():
-        barrier()
-        torch.distributed.destroy_process_group()
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        best = ckpt_dir / "best.pt"
+        export_from = best if best.exists() else ckpt_dir / "last.pt"
+        figure = None
+        n_fig = min(int(tc["overlay_images"]), len(val_set))
+        if n_fig:
+            from training.evaluate import write_segmentation_overlays
+
+            student.eval()
+            id2label = {int(k): v for k, v in (cfg["student"]["id2label"] or student.config.id2label).items()}
+            names = [str(id2label.get(i, i)) for i in range(num_labels)]
+            d = cfg["data"]
+            figure = write_segmentation_overlays(
+                out_dir / "figures" / f"val_overlays_step_{state['step']:08d}.png",
+                lambda x: student(x.to(device)).logits, [val_set[i] for i in range(n_fig)],
+                title=f"{cfg['name']}: student at step {state['step']} (epoch {state['epoch']}) on the val split "
+                      f"({d['dataset']}); labels at {d['label_scale']}x resolution, shown upsampled",
+                class_names=names, mean=tuple(d["mean"]) if d["mean"] else None,
+                std=tuple(d["std"]) if d["std"] else None, ignore_index=cfg["loss"]["ignore_index"],
+                exclude=(void,) if void is not None else ())
+            student.train()
+        finish(logger, f"{state['step'] - start_step} distillation steps in {time.time() - t0:.1f} s (step "
+                       f"{state['step']}, epoch {state['epoch']}, best val mIoU "
+                       f"{'n/a' if state['best_miou'] < 0 else format(state['best_miou'], '.4f')}): "
+                       f"{ckpt_dir / 'last.pt'}" + (f", {best}" if best.exists() else "")
+                       + f", {out_dir / 'summary.json'}, {out_dir / 'config.yaml'}"
+                       + (f", {figure.path}" if figure is not None else ""),
+               f"python -m training.export_student {export_from} --output-dir {out_dir / 'student'}")
+    barrier()
     return state
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

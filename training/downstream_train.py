@@ -1,10 +1,15 @@
-"""Shared engine of ``training.linear_probe`` and ``training.finetune_segmentation`` (spec §3.1, §3.2).
+"""Shared engine of ``training.linear_probe`` and ``training.finetune_segmentation`` (upstream OpenUS
+``eval_linear.py`` and ``eval_segmentation.py``, XZheng0427/OpenUS at commit 6b9f6d2e).
 
 Single process or torchrun + DDP (gloo on CPU, nccl on GPU). ``--output-dir`` receives ``config.yaml`` (resolved),
 ``log.jsonl`` (train loss per logged step, validation metrics per epoch), ``checkpoints/checkpoint_{step:08d}.pth``
 (atomic, plain data, resumable with ``--resume auto``), ``eval_test.json`` (the best model on the test split),
-``export_card.json`` (what the card was rendered from) and ``model/``: the best model as a ``save_pretrained`` folder
-with ``preprocessor_config.json`` and a generated ``README.md`` card.
+``figures/test_overlays.png`` (segmentation: ``log.overlay_images`` test images, image | ground truth | prediction
+with its Dice), ``export_card.json`` (what the card was rendered from) and ``model/``: the best model as a
+``save_pretrained`` folder with ``preprocessor_config.json`` and a generated ``README.md`` card (local paths appear
+there as base names). A progress bar runs on rank 0; the run ends with what it wrote and the next commands.
+
+Exit status: 0 done, 2 bad configuration or checkpoint (one line on stderr), 3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -14,12 +19,10 @@ import copy
 import json
 import logging
 import math
-import random
-import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,69 +30,27 @@ import torch.nn.functional as F
 from openus_hub import (OpenUSConfig, OpenUSForImageClassification, OpenUSForSemanticSegmentation,
                         OpenUSImageProcessorPil, OpenUSModel)
 
+from .common import distributed as du
+from .common.checkpoint import (CheckpointError, atomic_write_text, checkpoint_path, latest_checkpoint,
+                                load_checkpoint, prune_checkpoints, save_checkpoint)
+from .common.config import ConfigError, dump_config
+from .common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from .common.progress import finish, progress_bar, redirect_logging
+from .common.rng import seed_everything, step_seed
+from .common.run_info import git_sha, portable_path, run_metadata
 from .data.downstream import DownstreamDataset, build_samples, subsample
-from .evaluate import (finish_classification, finish_segmentation, markdown_table, run_classification,
-                       run_segmentation, summarize)
-from .utils import checkpoint as ckpt_utils
-from .utils import distributed as du
-from .utils.pretrain_config import _merge, dump_config, load_config
+from .downstream_config import load_downstream_config
+from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+from .evaluate import (eval_results, finish_classification, finish_segmentation, markdown_table,
+                       run_classification, run_segmentation, summarize, write_segmentation_overlays)
 
 logger = logging.getLogger("training.downstream")
 FORMAT = "openus_hub.downstream/1"
 
-COMMON_DEFAULTS: dict = {
-    "task": None,
-    "model": {
-        "init_from": None,  # a saved openus_hub folder, or an upstream pretraining checkpoint (teacher backbone)
-        "source": "teacher",  # which network of an upstream checkpoint
-        "preset": "openus-small",  # used without init_from (random backbone: tests, debugging)
-        "overrides": {},  # config fields, e.g. {embed_dim: 8, decoder_depths: [1, 1, 1, 1]}
-    },
-    "data": {
-        "dataset": None, "root": None, "fold": 0, "split_seed": 42, "image_size": 224, "label_rule": "eq255",
-        "label_fraction": 1.0, "label_seed": 0, "batch_size_per_gpu": 16, "eval_batch_size": 16, "num_workers": 4,
-    },
-    "train": {
-        "mode": "frozen",  # frozen = upstream protocol; full = fine-tune the backbone too
-        "epochs": 100, "max_steps": None, "optimizer": "adam", "lr": 1e-3, "scale_lr": False, "momentum": 0.9,
-        "weight_decay": 0.0, "backbone_lr_mult": 1.0, "seed": 42, "num_threads": None,
-        "avgpool": 2, "select": "either",
-    },
-    "checkpoint": {"every_steps": None, "keep_last": 2},
-    "export": {"enabled": True, "name": None},
-    "log": {"every_steps": 10},
-}
-TASK_DEFAULTS = {
-    # §3.1: SGD momentum 0.9, wd 0, lr x batch/16, cosine over 150 epochs, best by accuracy (>=)
-    "classification": {"task": "classification", "data": {"dataset": "busi"},
-                       "train": {"epochs": 150, "optimizer": "sgd", "lr": 1e-3, "scale_lr": True,
-                                 "select": "accuracy"}},
-    # §3.2: Adam 1e-3, wd 0, cosine over 100 epochs, CE ignore 255; best when Dice or IoU improves
-    "segmentation": {"task": "segmentation", "data": {"dataset": "busbra"},
-                     "train": {"epochs": 100, "optimizer": "adam", "lr": 1e-3, "scale_lr": False, "select": "either"}},
-}
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def load_downstream_config(task: str, path: str | Path | None, overrides: list[str] = ()) -> dict:
-    """defaults <- task defaults <- YAML <- ``key=value`` overrides (values parsed as YAML)."""
-    cfg = load_config(path, overrides, defaults=_merge(copy.deepcopy(COMMON_DEFAULTS), copy.deepcopy(TASK_DEFAULTS[task])))
-    if cfg["task"] != task:
-        raise ValueError(f"config is for task {cfg['task']!r}, this script trains {task!r}")
-    if cfg["train"]["mode"] not in ("frozen", "full"):
-        raise ValueError(f"train.mode must be frozen or full, got {cfg['train']['mode']!r}")
-    if cfg["train"]["avgpool"] not in (0, 1, 2):
-        raise ValueError("train.avgpool must be 0, 1 or 2 (spec §3.1)")
-    return cfg
-
-
 def get_args_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (training/configs/downstream/*.yaml); unset keys keep the defaults")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="run folder (config, log, checkpoints, results, model/)")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in OUTPUT_DIR/checkpoints) or a path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
     return p
@@ -135,7 +96,9 @@ def build_model(cfg: dict, num_labels: int, classes: list[str] | None) -> nn.Mod
 
 class DownstreamNet(nn.Module):
     """The task model run the upstream way: a frozen backbone stays in eval and runs without autograd; the linear
-    probe sees ``feature_scale`` x the pooled feature (``avgpool=2`` -> 2 x GAP, spec §3.1)."""
+    probe sees ``feature_scale`` x the pooled feature (``avgpool=2``: upstream feeds ``x_out[:, 0] +
+    mean(x_out[:, 1:])``, and both terms are the global average of the last stage, so 2 x GAP;
+    ``eval_linear.py:240-250``)."""
 
     def __init__(self, model: nn.Module, task: str, frozen: bool, feature_scale: float = 1.0):
         super().__init__()
@@ -177,7 +140,8 @@ class DownstreamNet(nn.Module):
 def build_data(cfg: dict) -> tuple[DownstreamDataset, dict[str, DownstreamDataset], list[str] | None]:
     d, task = cfg["data"], cfg["task"]
     if not d["root"]:
-        raise ValueError("data.root is not set")
+        raise ConfigError("data.root is not set: pass data.root=FOLDER (the dataset layouts are listed in "
+                          "training/data/downstream.py)")
     train, classes = build_samples(d["dataset"], d["root"], "train", d["fold"], d["split_seed"])
     train = subsample(train, d["label_fraction"], d["label_seed"])
     evals = {}
@@ -191,7 +155,7 @@ def build_data(cfg: dict) -> tuple[DownstreamDataset, dict[str, DownstreamDatase
 
 def epoch_indices(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
     """This rank's shuffled share of one epoch (padded by repetition so every rank runs the same number of steps)."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    g = torch.Generator().manual_seed(step_seed(seed, epoch))
     idx = torch.randperm(n, generator=g).tolist()
     total = math.ceil(n / world) * world
     idx += idx[: total - n]
@@ -219,14 +183,6 @@ def _improved(cfg: dict, metrics: dict, best: dict) -> bool:
     return {"either": d_up or j_up, "dice": d_up, "iou": j_up}[select]
 
 
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except Exception:
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # export
 
@@ -246,6 +202,9 @@ def card_metadata(cfg: dict, task: str, test: dict, name: str, num_params: int) 
               f"{t['optimizer']} lr {t['lr']}{' x batch/16' if t['scale_lr'] else ''}, cosine over {t['epochs']} "
               f"epochs, batch {d['batch_size_per_gpu']} per process, {d['image_size']} px, label rule "
               f"`{d['label_rule']}`, {100 * d['label_fraction']:g}% of the training labels, seed {t['seed']}")
+    init_from = cfg["model"]["init_from"]
+    backbone = (f"`{portable_path(init_from)}`" if init_from else
+                f"random initialisation (preset `{cfg['model']['preset']}`; smoke tests only)")
     meta = dict(base)
     meta.update(
         name=name, title=f"OpenUS {'segmentation' if seg else 'classifier'} fine-tuned on {dataset} ({name})",
@@ -254,8 +213,8 @@ def card_metadata(cfg: dict, task: str, test: dict, name: str, num_params: int) 
         pipeline_tag="image-segmentation" if seg else "image-classification",
         tags=list(base["tags"]) + [dataset, "segmentation" if seg else "image-classification"],
         model_details=(f"- **Architecture:** OpenUS VMamba backbone + {head}; {num_params:,} parameters; "
-                       f"architecture in `config.json`.\n- **Backbone weights:** `{cfg['model']['init_from']}`.\n"
-                       f"- **Training:** {recipe}.\n- **Code revision:** `{_git_sha()}`."),
+                       f"architecture in `config.json`.\n- **Backbone weights:** {backbone}.\n"
+                       f"- **Training:** {recipe}.\n- **Code revision:** `{git_sha()}`."),
         uses=(f"- **Direct use:** research on {'lesion/organ segmentation' if seg else 'image classification'} of "
               f"2-D ultrasound frames like those of {dataset}.\n- **Downstream use:** a starting point for "
               "fine-tuning on similar data."),
@@ -263,15 +222,13 @@ def card_metadata(cfg: dict, task: str, test: dict, name: str, num_params: int) 
                      f"from transformers import pipeline\npipe = pipeline("
                      f"\"{'image-segmentation' if seg else 'image-classification'}\", model=\"{{org}}/{name}\")\n"
                      "result = pipe(pil_image)  # decode DICOM frames with openus_hub.io.read_dicom first"),
-        training_data=[{"name": f"{dataset} ({d['root']}, fold {d['fold']})",
+        training_data=[{"name": f"{dataset} (folder `{portable_path(d['root'])}`, fold {d['fold']})",
                         "licence": "see the dataset's own terms", "note": "downstream training set"}]
         + list(base["training_data"][:1]),
         evaluation=(f"{dataset} test split, this run (`training/evaluate.py`; Dice/IoU per sample as upstream's "
                     f"test script):\n\n{markdown_table(summary, dataset)}"),
         eval_results=[],
     )
-    from .evaluate import eval_results
-
     meta["eval_results"] = eval_results(summary, dataset)
     meta.pop("source", None)
     return meta
@@ -325,6 +282,13 @@ def export(net: DownstreamNet, cfg: dict, out_dir: Path, test: dict, sample_batc
 
 def train(task: str, args: argparse.Namespace) -> dict:
     cfg = load_downstream_config(task, args.config, args.overrides)
+    if cfg["task"] == "segmentation" and cfg["log"]["overlay_images"]:
+        from .common.figures import require_matplotlib
+
+        try:
+            require_matplotlib("log.overlay_images=0")
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
     rank, world, device = du.init_distributed()
     tcfg, dcfg = cfg["train"], cfg["data"]
     if tcfg["num_threads"]:
@@ -336,9 +300,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
         dump_config(cfg, out_dir / "config.yaml")
     du.barrier()
 
-    torch.manual_seed(tcfg["seed"])
-    random.seed(tcfg["seed"])
-    np.random.seed(tcfg["seed"])
+    seed_everything(tcfg["seed"])
     train_ds, eval_ds, classes = build_data(cfg)
     num_labels = len(classes) if task == "classification" else 2
     model = build_model(cfg, num_labels, classes)
@@ -358,8 +320,8 @@ def train(task: str, args: argparse.Namespace) -> dict:
         opt = torch.optim.Adam(groups, lr=lr, weight_decay=tcfg["weight_decay"])
     elif tcfg["optimizer"] == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=tcfg["weight_decay"])
-    else:
-        raise ValueError(f"train.optimizer must be sgd, adam or adamw, got {tcfg['optimizer']!r}")
+    else:  # load_downstream_config accepts nothing else
+        raise AssertionError(tcfg["optimizer"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg["epochs"], eta_min=0.0)  # stepped per epoch
     ddp = net
     if world > 1:
@@ -371,11 +333,11 @@ def train(task: str, args: argparse.Namespace) -> dict:
     best: dict = {}
     best_state = None
     history: list[dict] = []
-    resume = ckpt_utils.latest_checkpoint(ckpt_dir) if args.resume == "auto" else args.resume
+    resume = latest_checkpoint(ckpt_dir) if args.resume == "auto" else args.resume
     if resume:
-        state = ckpt_utils.load(resume)
+        state = load_checkpoint(resume)
         if state.get("format") != FORMAT or state.get("task") != task:
-            raise ValueError(f"{resume} is not a {task} checkpoint of this script")
+            raise CheckpointError(f"{resume} is not a {task} checkpoint of training.downstream_train")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -385,13 +347,13 @@ def train(task: str, args: argparse.Namespace) -> dict:
 
     def save(epoch: int, batch_in_epoch: int) -> None:
         if rank == 0:
-            ckpt_utils.save_atomic({
+            save_checkpoint({
                 "format": FORMAT, "task": task, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "best": best, "best_model": best_state, "history": history, "config": cfg,
-                "model_config": model.config.to_dict(), "world_size": world, "git_sha": _git_sha(),
-            }, ckpt_utils.checkpoint_path(ckpt_dir, step))
-            ckpt_utils.prune(ckpt_dir, cfg["checkpoint"]["keep_last"], None)
+                "model_config": model.config.to_dict(), **run_metadata(world),
+            }, checkpoint_path(ckpt_dir, step))
+            prune_checkpoints(ckpt_dir, cfg["checkpoint"]["keep_last"], None)
         du.barrier()
 
     def log(record: dict) -> None:
@@ -405,6 +367,9 @@ def train(task: str, args: argparse.Namespace) -> dict:
     t0 = time.time()
     stopped = max_steps is not None and step >= max_steps
     epoch = start_epoch
+    planned = tcfg["epochs"] * per_epoch if max_steps is None else min(max_steps, tcfg["epochs"] * per_epoch)
+    bar = progress_bar(planned, "linear probe" if task == "classification" else "segmentation fine-tuning",
+                       initial=step, enabled=rank == 0 and cfg["log"]["progress_bar"])
     while epoch < tcfg["epochs"] and not stopped:
         train_ds.set_epoch(epoch)
         idx = epoch_indices(len(train_ds), tcfg["seed"], epoch, rank, world)[skip_batches * bs:]
@@ -414,7 +379,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
         skip_batches = 0
         for batch in loader:
             # per-step RNG from (seed, step, rank): DropPath draws are the same after a resume
-            torch.manual_seed(int(np.random.SeedSequence([tcfg["seed"], step, rank]).generate_state(1)[0]))
+            torch.manual_seed(step_seed(tcfg["seed"], step, rank))
             x, y = batch["pixel_values"].to(device), batch["labels"].to(device)
             loss, _ = ddp(x, y)
             if not torch.isfinite(loss):
@@ -424,6 +389,8 @@ def train(task: str, args: argparse.Namespace) -> dict:
             opt.step()
             step += 1
             batch_in_epoch += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
             if step % cfg["log"]["every_steps"] == 0 or step == 1:
                 log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
                      "time": round(time.time() - t0, 2)})
@@ -452,6 +419,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
         save(epoch, 0 if finished_epoch else batch_in_epoch)
         if not finished_epoch:
             break
+    bar.close()
 
     # the best model on the test split, then export (rank 0)
     model.load_state_dict(best_state)
@@ -460,10 +428,27 @@ def train(task: str, args: argparse.Namespace) -> dict:
                 train_seconds=round(time.time() - t0, 2), world_size=world)
     result = {"test": test, "best": best, "steps": step, "output_dir": str(out_dir)}
     if rank == 0:
-        (out_dir / "eval_test.json").write_text(json.dumps(test, indent=2), encoding="utf-8")
+        atomic_write_text(out_dir / "eval_test.json", json.dumps(test, indent=2))
+        wrote = [str(out_dir / "eval_test.json"), str(latest_checkpoint(ckpt_dir))]
+        n_fig = min(int(cfg["log"]["overlay_images"]), len(eval_ds["test"]))
+        if task == "segmentation" and n_fig:
+            net.eval()
+            fig = write_segmentation_overlays(
+                out_dir / "figures" / "test_overlays.png", lambda x: net.logits(x.to(device)),
+                [eval_ds["test"][i] for i in range(n_fig)], class_names=[model.config.id2label[i] for i in range(2)],
+                title=f"{dcfg['dataset']} test split, best model (epoch {best.get('epoch')}, step {best.get('step')}); "
+                      f"per-image Dice (upstream test_segmentation.py)", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            wrote.append(str(fig.path))
         if cfg["export"]["enabled"]:
             sample = torch.stack([eval_ds["val"][i]["pixel_values"] for i in range(min(2, len(eval_ds["val"])))])
             result["export_dir"] = str(export(net, cfg, out_dir, test, sample.to(device)))
+        next_steps = []
+        if "export_dir" in result:
+            wrote.insert(0, f"{result['export_dir']} (model, processor, card)")
+            next_steps.append(f"openus-hub push {result['export_dir']} --repo-id ORG/NAME --dry-run")
+        next_steps.append(f"python -m training.evaluate summarize {out_dir} [more runs] --output-dir SUMMARY_DIR"
+                          + (f" --card {result['export_dir']}" if "export_dir" in result else ""))
+        finish(logger, f"{step} steps in {time.time() - t0:.1f} s: " + ", ".join(wrote), next_steps)
     du.barrier()
     return result
 
@@ -472,10 +457,14 @@ def main(task: str, argv: list[str] | None, description: str) -> int:
     args = get_args_parser(description).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        train(task, args)
+        with redirect_logging():
+            train(task, args)
     except NonFiniteLossError as err:
         logger.error("%s", err)
-        return 3
+        return EXIT_NON_FINITE
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         du.cleanup()
     return 0

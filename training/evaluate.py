@@ -1,8 +1,9 @@
-"""Evaluate OpenUS downstream models (spec §3.1, §3.2, §3.4) and summarise runs over seeds.
+r"""Evaluate OpenUS downstream models (upstream ``test_linear.py``, ``test_segmentation.py``, ``calculate_dice_iou.py``)
+and summarise runs over seeds.
 
     # a saved folder (AutoModelForSemanticSegmentation / AutoModelForImageClassification) on a dataset split
     python -m training.evaluate segmentation --model DIR --config training/configs/downstream/busbra_seg.yaml \
-        --output results.json [--split test] [--save-masks PRED_DIR] [key=value ...]
+        --output results.json [--split test] [--save-masks PRED_DIR] [--figure overlays.png] [key=value ...]
     python -m training.evaluate classification --model DIR --config training/configs/downstream/busi_linear.yaml \
         --output results.json
     # upstream's offline script (calculate_dice_iou.py): saved PNG predictions vs ground truth, both binarised > 0
@@ -14,7 +15,7 @@
 
 Segmentation numbers: ``dice``/``iou`` are upstream's validation metric (batch-pooled, averaged over batches: they
 depend on the batch size), ``dice_per_sample``/``iou_per_sample`` upstream's test metric (averaged over images); the
-paper's table (§3.5) comes from the test script, so summaries report the per-sample pair.
+paper's table (upstream README "Results") comes from the test script, so summaries report the per-sample pair.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .common.checkpoint import atomic_write_text
+from .common.config import ConfigError
+from .common.progress import finish, track
+from .downstream_config import load_downstream_config
 from .metrics import (PooledSegmentationMeter, classification_metrics, match_offline_pairs, mean_std,
                       offline_dice_iou, offline_summary)
 
@@ -97,6 +102,39 @@ def finish_classification(states: list[dict]) -> dict:
     out = classification_metrics(labels, preds)
     out["loss"] = sum(s["loss_sum"] for s in states) / len(labels)
     return out
+
+
+@torch.no_grad()
+def write_segmentation_overlays(path: str | Path, logits_fn: Callable[[torch.Tensor], torch.Tensor],
+                                samples: list[dict], *, title: str, class_names: list[str], mean: tuple[float, ...] | None,
+                                std: tuple[float, ...] | None, ignore_index: int | None = 255,
+                                exclude: tuple[int, ...] = ()):
+    """Image | ground truth | prediction for each sample (``{"pixel_values": (3, H, W), "labels": (h, w)}``), the
+    image's Dice (:func:`training.metrics.image_dice`) in each row and the mean in the title. Labels and predictions
+    at another resolution than the image (TransKD's 1/4) are shown nearest-upsampled to it. ``mean``/``std``: the
+    normalisation to undo for display (None: the input is RGB in [0, 1])."""
+    from .common.figures import segmentation_figure
+    from .metrics import image_dice
+
+    pixels = torch.stack([s["pixel_values"] for s in samples]).float()
+    labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
+    logits = logits_fn(pixels)
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    preds = logits.argmax(1).cpu()
+    num_classes = logits.shape[1]
+    dice = [image_dice(p, t, num_classes, ignore_index, exclude) for p, t in zip(preds, labels)]
+    images = pixels.cpu()
+    if mean is not None:
+        images = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    size = images.shape[-2:]
+
+    def up(x):
+        return F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0].long().numpy()
+
+    return segmentation_figure(path, images.clamp(0, 1).permute(0, 2, 3, 1).numpy(), up(labels), up(preds), dice,
+                               title=title, class_names=class_names, ignore_index=ignore_index,
+                               background=0 if 0 not in exclude else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,8 +208,6 @@ def _model_eval(args, task: str) -> dict:
     import openus_hub  # noqa: F401  (registers the classes)
     from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
-    from .downstream_train import load_downstream_config
-
     cfg = load_downstream_config(task, args.config, args.overrides)
     auto = AutoModelForSemanticSegmentation if task == "segmentation" else AutoModelForImageClassification
     model = auto.from_pretrained(args.model).eval()
@@ -180,42 +216,71 @@ def _model_eval(args, task: str) -> dict:
     def logits_fn(x):
         return model(pixel_values=x).logits
 
+    batches = track(loader, f"{task} ({args.split} split)")
     if task == "segmentation":
-        result = finish_segmentation([run_segmentation(logits_fn, loader, args.save_masks,
+        result = finish_segmentation([run_segmentation(logits_fn, batches, args.save_masks,
                                                        [s.image for s in samples])])
+        if args.figure:
+            from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+
+            ds = loader.dataset
+            n = min(args.figure_images, len(ds))
+            fig = write_segmentation_overlays(
+                args.figure, logits_fn, [ds[i] for i in range(n)],
+                class_names=[model.config.id2label[i] for i in range(model.config.num_labels)],
+                title=f"{Path(args.model).name} on {cfg['data']['dataset']} ({args.split} split); per-image Dice",
+                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            result["figure"] = str(fig.path)
     else:
-        result = finish_classification([run_classification(logits_fn, loader)])
+        result = finish_classification([run_classification(logits_fn, batches)])
     result.update(task=task, split=args.split, model=str(args.model), dataset=cfg["data"]["dataset"])
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for task in ("segmentation", "classification"):
-        s = sub.add_parser(task)
+        s = sub.add_parser(task, help=f"a saved {task} folder on a dataset split",
+                           description=f"Evaluate a saved {task} folder (save_pretrained) on a split of the dataset "
+                                       "that --config describes; metrics as JSON (--output or stdout).")
         s.add_argument("--model", required=True, help="a folder saved with save_pretrained")
         s.add_argument("--config", required=True, help="the downstream YAML (its data section is used)")
-        s.add_argument("--split", default="test", choices=("train", "val", "test"))
+        s.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
         s.add_argument("--output", default=None, help="JSON file (default: stdout)")
         if task == "segmentation":
             s.add_argument("--save-masks", default=None, help="write the predicted masks as 0/255 PNGs here")
-        s.add_argument("overrides", nargs="*")
-    s = sub.add_parser("offline")
-    s.add_argument("--pred", required=True)
-    s.add_argument("--gt", required=True)
-    s.add_argument("--output", default=None)
-    s = sub.add_parser("summarize")
+            s.add_argument("--figure", default=None, help="write a PNG of image | ground truth | prediction "
+                           "(with Dice) for the first --figure-images images of the split")
+            s.add_argument("--figure-images", type=int, default=4, help="images in --figure (default 4)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides of the config, e.g. data.root=/data/BUSI")
+    s = sub.add_parser("offline", help="saved prediction PNGs vs ground truth (upstream calculate_dice_iou.py)",
+                       description="Dice and IoU of saved prediction masks against ground-truth masks, both "
+                                   "binarised > 0, paired by the number in the file name (upstream "
+                                   "calculate_dice_iou.py): mean, std, median, min, max.")
+    s.add_argument("--pred", required=True, help="folder of predicted masks (PNG/JPG)")
+    s.add_argument("--gt", required=True, help="folder of ground-truth masks")
+    s.add_argument("--output", default=None, help="JSON file (default: stdout)")
+    s = sub.add_parser("summarize", help="mean ± std over runs -> summary.json, summary.md (and a card)",
+                       description="Mean and population std of each reported metric over runs (seeds): writes "
+                                   "summary.json and summary.md; --card re-renders an exported folder's README.md "
+                                   "with the table and the model-index results.")
     s.add_argument("runs", nargs="+", help="run folders (eval_test.json inside) or result JSON files")
     s.add_argument("--output-dir", required=True)
     s.add_argument("--card", default=None, help="an exported model folder whose README.md gets the table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _run(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
     if args.command in ("segmentation", "classification"):
         if args.command == "classification":
-            args.save_masks = None
+            args.save_masks = args.figure = None
         result = _model_eval(args, args.command)
     elif args.command == "offline":
         pairs = match_offline_pairs(args.pred, args.gt)
@@ -239,17 +304,22 @@ def main(argv: list[str] | None = None) -> int:
         result["dataset"] = dataset
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        (out / "summary.md").write_text(markdown_table(result, dataset) + "\n", encoding="utf-8")
+        atomic_write_text(out / "summary.json", json.dumps(result, indent=2))
+        atomic_write_text(out / "summary.md", markdown_table(result, dataset) + "\n")
+        wrote = [str(out / "summary.json"), str(out / "summary.md")]
+        next_steps = []
         if args.card:
             run = Path(args.runs[0])
             card_json = (run if run.is_dir() else run.parent) / "export_card.json"
-            render_summary_card(card_json, args.card, result, dataset)
+            wrote.append(str(render_summary_card(card_json, args.card, result, dataset)))
+            next_steps.append(f"openus-hub push {args.card} --repo-id ORG/NAME --dry-run   # check, then upload")
         logger.info("%s", markdown_table(result, dataset))
+        finish(logger, ", ".join(wrote), next_steps)
         return 0
     text = json.dumps(result, indent=2)
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        atomic_write_text(args.output, text)
+        finish(logger, args.output + (f", {result['figure']}" if result.get("figure") else ""))
     else:
         sys.stdout.write(text + "\n")
     return 0

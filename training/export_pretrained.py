@@ -6,8 +6,12 @@
 Writes ``config.json`` + ``model.safetensors`` (the backbone; the teacher by default, as upstream evaluates it),
 ``preprocessor_config.json`` (``OpenUSImageProcessorPil.save_pretrained``) and a ``README.md`` model card rendered
 from ``model_cards/`` (``conversion.model_card``, base metadata ``openus-converted``) with the training configuration,
-the data-manifest summary and the measured export checks (the written folder reloaded against the checkpoint). The mask token, pixel decoder, EMA map and iBOT head are
-pretraining-only and are left out.
+the data-manifest summary and the measured export checks (the written folder reloaded against the checkpoint). The
+mask token, pixel decoder, EMA map and iBOT head are pretraining-only and are left out. Local paths in the run's
+configuration (model.init_from, data.manifest) appear in the card as base names with a sha256.
+
+The folder is written under a temporary name and swapped in; a non-empty --output-dir is refused unless --overwrite
+is given. Exit status 0, or 2 with a one-line error (not a pretraining checkpoint, a non-empty --output-dir).
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ from conversion._common import save_atomic, sha256_file
 from conversion.model_card import write_card
 from openus_hub import OpenUSConfig, OpenUSImageProcessorPil, OpenUSModel
 
-from .utils.checkpoint import load
+from .common.checkpoint import load_checkpoint
+from .common.progress import finish
+from .common.run_info import portable_config
+
+PATH_KEYS = ("model.init_from", "data.manifest")  # config values that are local paths: never published as they are
 
 logger = logging.getLogger("training.export_pretrained")
 
@@ -36,11 +44,13 @@ def card_metadata(state: dict, checkpoint: str | Path, network: str, name: str, 
     from conversion.model_card import load_metadata
 
     base = load_metadata("openus-converted")
-    cfg = state["config"]
-    man = state.get("data_manifest") or {}
-    init_from = (cfg.get("model") or {}).get("init_from")
+    cfg = portable_config(state["config"], PATH_KEYS)  # local paths -> base name + sha256
+    man = dict(state.get("data_manifest") or {})
+    if man.get("manifest"):
+        man["manifest"] = Path(man["manifest"]).name
+    init_from = cfg["model"].get("init_from")
     config_yaml = yaml.safe_dump(cfg, sort_keys=False).rstrip()
-    manifest_json = json.dumps(state.get("data_manifest"), indent=2)
+    manifest_json = json.dumps(man or None, indent=2)
     start = (f"continued from `{init_from}` (upstream OpenUS weights or a saved openus_hub folder)" if init_from
              else "from random initialisation")
     meta = dict(base)
@@ -128,7 +138,7 @@ def _verify(model: OpenUSModel, state: dict, network: str, folder: Path, checkpo
 
 def export(checkpoint: str | Path, output_dir: str | Path, network: str = "teacher", image_size: int | None = None,
            overwrite: bool = False) -> Path:
-    state = load(checkpoint)
+    state = load_checkpoint(checkpoint)
     if state.get("format") != "openus_hub.pretrain/1":
         raise ValueError(f"{checkpoint} is not an openus_hub pretraining checkpoint; convert upstream checkpoints "
                          "with conversion/convert_openus_to_hf.py")
@@ -158,20 +168,25 @@ def export(checkpoint: str | Path, output_dir: str | Path, network: str = "teach
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--network", choices=("teacher", "student"), default="teacher")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a pretraining checkpoint (OUTPUT_DIR/checkpoints/checkpoint_*.pth)")
+    p.add_argument("--output-dir", required=True, help="the folder to write (refused if not empty, see --overwrite)")
+    p.add_argument("--network", choices=("teacher", "student"), default="teacher",
+                   help="which backbone to export (default: the EMA teacher, as upstream evaluates)")
     p.add_argument("--image-size", type=int, default=None, help="processor size (default: the run's global crop)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export(args.checkpoint, args.output_dir, args.network, args.image_size, args.overwrite)
-    except ValueError as err:  # not a pretraining checkpoint, or a non-empty --output-dir without --overwrite
+    except ValueError as err:  # CheckpointError, not a pretraining checkpoint, non-empty --output-dir without --overwrite
         print(f"error: {err}", file=sys.stderr)
         return 2
-    logger.info("exported the %s backbone of %s -> %s", args.network, args.checkpoint, out)
+    finish(logger, f"{out}: the {args.network} backbone of {args.checkpoint} (config.json, model.safetensors, "
+                   "preprocessor_config.json, README.md)",
+           [f"python -m training.linear_probe --config training/configs/downstream/busi_linear.yaml --output-dir "
+            f"runs/busi data.root=/data/BUSI model.init_from={out}   # evaluate it",
+            f"openus-hub push {out} --repo-id ORG/NAME --dry-run   # check, then drop --dry-run to upload"])
     return 0
 
 

@@ -6,8 +6,10 @@ Writes `config.json` + `model.safetensors` (loadable with plain `transformers.Se
 openus_hub needed), `preprocessor_config.json` (SegFormer image processor with the training resolution and
 normalisation) and a `README.md` model card rendered from `model_cards/` (`conversion.model_card`, base metadata: the
 TransKD student card of the run's variant) with teacher, data, recipe, params/FLOPs of teacher and student, val mIoU
-and the measured reload difference.
-Upload with `openus-hub push` (Hub issue).
+and the measured reload difference, and `distillation.json` (the numbers, the validation history and the recipe).
+Publish the folder with `openus-hub push FOLDER --repo-id ORG/NAME` (it checks the folder, then uploads it in one
+commit). Local paths of the run (teacher folder, data root, checkpoint) appear in the card and `distillation.json`
+as base names with a sha256, never as absolute paths.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from conversion._common import sha256_file
-from training.utils.checkpoint import load as load_checkpoint
+from training.common.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
+from training.common.progress import finish
+from training.common.run_info import portable_config, portable_path
 from training.kd.flops import count_flops, count_parameters
 
 logger = logging.getLogger("training.export_student")
@@ -89,13 +94,23 @@ DATA_LICENCES = {"cityscapes": "Cityscapes terms of use: non-commercial research
 FLOPS_RULE = "FLOPs = module MACs at 1x3x512x1024, no attention matmuls or upsampling, as TransKD"
 
 
+PATH_KEYS = ("teacher.pretrained", "data.root")  # config values that are local paths: never published as they are
+
+
 def _dataset_label(d: dict) -> str:
-    return d.get("root") or (f"pydicom example `{d['dicom_name']}`" if d["dataset"] == "dicom_examples" else d["dataset"])
+    if d.get("root"):
+        return f"`{portable_path(d['root'])}` ({d['dataset']})"
+    return f"pydicom example `{d['dicom_name']}`" if d["dataset"] == "dicom_examples" else d["dataset"]
 
 
-def card_metadata(ckpt: dict, numbers: dict, name: str | None = None) -> dict:
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def card_metadata(ckpt: dict, numbers: dict, name: str | None = None, checkpoint_name: str = "the checkpoint") -> dict:
     """Card metadata: the TransKD student card of the run's variant (``model_cards/transkd-<variant>-b0-cityscapes``)
-    with this run's teacher, data, recipe, params/FLOPs and validation mIoU in place of the upstream ones."""
+    with this run's teacher, data, recipe, params/FLOPs and validation mIoU in place of the upstream ones. Local paths
+    (teacher folder, data root) appear as base names with a sha256 where there is a file to hash."""
     from conversion.model_card import load_metadata
 
     cfg = ckpt["config"]
@@ -105,7 +120,8 @@ def card_metadata(ckpt: dict, numbers: dict, name: str | None = None) -> dict:
     openus = load_metadata("openus-converted")
     name = name or cfg.get("name", "distilled")
     variant_name = VARIANT_NAMES[k["variant"]]
-    teacher_name = t.get("pretrained") or f"random-init {t['type']} (smoke test only)"
+    teacher_name = (f"`{portable_path(t['pretrained'])}`" if t.get("pretrained")
+                    else f"random-init {t['type']} (smoke test only)")
     dataset = _dataset_label(d)
     street = d["dataset"] in STREET_SCENES
     evals = state.get("evals") or []
@@ -118,8 +134,14 @@ def card_metadata(ckpt: dict, numbers: dict, name: str | None = None) -> dict:
     recipe = (f"{variant_name}; loss = weighted CE + {k['hcl_weight']} x HCL + sum w_s x patch-embedding MSE, "
               f"w = {k['embed_weights']}")
     optimiser = (f"AdamW lr {o['lr']}, weight decay {o['weight_decay']}; linear poly decay per epoch over "
-                 f"{sc['max_decay_epochs']} epochs; {tr['epochs']} epochs at batch {tr['batch_size']}"
-                 + (f" (stopped at step {tr['max_steps']})" if tr.get("max_steps") else ""))
+                 f"{_count(sc['max_decay_epochs'], 'epoch')}; batch {tr['batch_size']}")
+    run_plan = (f"{_count(tr['epochs'], 'epoch')} configured"
+                + (f", limited to {_count(tr['max_steps'], 'optimiser step')} (`train.max_steps`)"
+                   if tr.get("max_steps") else ""))
+    into = state.get("batch_in_epoch") or 0
+    saved_at = (f"`{checkpoint_name}`, saved at optimiser step {state['step']} after "
+                f"{_count(state['epoch'], 'complete epoch')}"
+                + (f" and {_count(into, 'step')} of the next" if into else ""))
     data_line = (f"{dataset} (train split `{d['train_split']}`, val split `{d['val_split']}`); input "
                  f"{d['height']}x{d['width'] or 'auto'}, labels at {d['label_scale']}x resolution")
     model_details = "\n".join([
@@ -133,7 +155,8 @@ def card_metadata(ckpt: dict, numbers: dict, name: str | None = None) -> dict:
         f"- **Data:** {data_line}",
         f"- **Recipe:** {recipe}",
         f"- **Optimiser:** {optimiser}",
-        f"- **Trained:** {state['step']} steps, {state['epoch']} epochs; git {ckpt.get('git_sha') or 'unknown'}",
+        f"- **Training run:** {run_plan}.",
+        f"- **This checkpoint:** {saved_at}; code revision `{ckpt.get('git_sha') or 'unknown'}`.",
         f"- **LayerNorm eps:** the run used eps 1e-6 on block/stage norms: {s['upstream_layer_norm_eps']}; "
         "transformers builds every LayerNorm with eps 1e-5, so the reload difference is measured below.",
         "- **Recipe source:** TransKD ([RuipingL/TransKD](https://github.com/RuipingL/TransKD) at "
@@ -269,25 +292,35 @@ def export(checkpoint: str, output_dir: str) -> dict:
     }
     from conversion.model_card import write_card
 
-    meta = card_metadata(ckpt, numbers)
+    meta = card_metadata(ckpt, numbers, checkpoint_name=Path(checkpoint).name)
     write_card(out, meta, verification(ckpt, checkpoint, out, numbers,
                                        f"1 random image {x.shape[2]}x{x.shape[3]} (seed 0)"))
-    (out / "distillation.json").write_text(json.dumps({
-        "checkpoint": str(checkpoint), "numbers": numbers, "evals": ckpt["state"].get("evals", []),
-        "recipe": ckpt["config"],
+    atomic_write_text(out / "distillation.json", json.dumps({
+        "checkpoint": portable_path(checkpoint), "numbers": numbers, "evals": ckpt["state"].get("evals", []),
+        "recipe": portable_config(ckpt["config"], PATH_KEYS),
     }, indent=2, default=str))
-    logger.info("exported student to %s (max |diff| after reload %.2e)", out, diff)
+    finish(logger, f"{out} (stock SegFormer: config.json, model.safetensors, preprocessor_config.json, README.md, "
+                   f"distillation.json; max |logit difference| after reload {diff:.2e})",
+           [f"openus-hub push {out} --repo-id ORG/NAME --dry-run   # check, then drop --dry-run to upload",
+            f"python -m benchmarks.bench_students --student {out} --teacher TEACHER_FOLDER   # params, FLOPs, "
+            "latency"])
     return numbers
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("checkpoint", help="a distillation checkpoint (OUTPUT_DIR/checkpoints/best.pt or last.pt)")
+    parser.add_argument("--output-dir", required=True,
+                        help="folder to write (created if needed; files of the same names in it are replaced)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return export(args.checkpoint, args.output_dir)
+    try:
+        export(args.checkpoint, args.output_dir)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Segmentation fine-tuning of OpenUS with upstream's MambaDecoder head (spec §3.2), single process or torchrun + DDP.
+r"""Segmentation fine-tuning of OpenUS with upstream's MambaDecoder head (``eval_segmentation.py``), one process or
+torchrun + DDP.
 
     python -m training.finetune_segmentation --config training/configs/downstream/busbra_seg.yaml \
         --output-dir runs/busbra data.root=/data/BUS-BRA/organized_data model.init_from=hf/openus-small
@@ -21,7 +22,7 @@ from .downstream_train import main as _main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _main("segmentation", argv, __doc__.split("\n\n")[0])
+    return _main("segmentation", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Linear probe / classification fine-tuning of OpenUS (spec §3.1), single process or torchrun + DDP.
+r"""Linear probe / classification fine-tuning of OpenUS (upstream ``eval_linear.py``), one process or torchrun + DDP.
 
     python -m training.linear_probe --config training/configs/downstream/busi_linear.yaml --output-dir runs/busi \
         data.root=/data/BUSI model.init_from=hf/openus-small [key=value ...]
@@ -22,7 +22,7 @@ from .downstream_train import main as _main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _main("classification", argv, __doc__.split("\n\n")[0])
+    return _main("classification", argv, __doc__)
 
 
 if __name__ == "__main__":

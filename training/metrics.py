@@ -1,21 +1,27 @@
-"""Downstream metrics of OpenUS (spec §3.1, §3.2, §3.4): segmentation Dice/IoU and classification accuracy/F1.
+"""Every metric the training jobs report: binary segmentation Dice/IoU (OpenUS downstream), multi-class mIoU
+(TransKD distillation), classification accuracy/F1, and the summaries over runs.
 
-Segmentation (binary, foreground = class 1; pixels labelled ``ignore_index`` (255) are left out):
+Binary segmentation (foreground = class 1; pixels labelled ``ignore_index`` (255) are left out), eps = 1e-6:
 
-* :func:`pooled_dice_iou` – upstream ``eval_segmentation.py`` validation: one Dice and one IoU per **batch**, pooled
-  over every pixel of the batch, ``IoU = (|P∩G| + eps) / (|P∪G| + eps)`` set to 1 when the union is empty,
-  ``Dice = (2|P∩G| + eps) / (|P| + |G| + eps)``, eps = 1e-6. :class:`PooledSegmentationMeter` averages them over
+* :func:`pooled_dice_iou`: upstream OpenUS ``eval_segmentation.py:54-149`` (validation): one Dice and one IoU per
+  **batch**, pooled over every pixel of the batch, ``IoU = (|P∩G| + eps) / (|P∪G| + eps)`` set to 1 when the union
+  is empty, ``Dice = (2|P∩G| + eps) / (|P| + |G| + eps)``. :class:`PooledSegmentationMeter` averages them over
   batches, as upstream does.
-* :func:`per_sample_dice_iou` – upstream ``test_segmentation.py``: the same formulas per image, averaged over images.
-* :func:`offline_dice_iou` – upstream ``calculate_dice_iou.py`` (§3.4): first channel, both masks binarised with
+* :func:`per_sample_dice_iou`: upstream ``test_segmentation.py:71-177``: the same formulas per image, averaged over
+  images.
+* :func:`offline_dice_iou`: upstream ``calculate_dice_iou.py:15-40``: first channel, both masks binarised with
   ``> 0`` (not ``== 255``), prediction resized to the ground truth if the sizes differ, IoU without the empty-union
   special case (``(I + eps) / (Σy + Σŷ - I + eps)``, which is also 1 for two empty masks).
 
+Multi-class: :class:`IoUAccumulator` is TransKD's ``iouEval`` (``eval/iouEval.py:10-75``).
+
 Classification: :func:`classification_metrics` gives accuracy and macro/weighted precision, recall and F1 with
-sklearn's conventions (labels = those present in ``y_true`` or ``y_pred``; a class with no prediction or no support
-scores 0, sklearn's ``zero_division`` default).
+sklearn's conventions (upstream ``test_linear.py:211-283``; labels = those present in ``y_true`` or ``y_pred``; a
+class with no prediction or no support scores 0, sklearn's ``zero_division`` default).
 
 :func:`mean_std` summarises repeated runs (seeds): population std (``numpy.std``, ddof 0).
+
+Upstream files: XZheng0427/OpenUS at commit 6b9f6d2e, RuipingL/TransKD at commit 39ab795d.
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ class PooledSegmentationMeter:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §3.4 offline metrics on saved PNG masks
+# offline metrics on saved PNG masks (upstream calculate_dice_iou.py)
 
 
 def _first_channel(arr: np.ndarray) -> np.ndarray:
@@ -137,7 +143,8 @@ _PRED_PATTERNS = (re.compile(r"pred_mask_(\d+)"), re.compile(r"test(\d+)"), re.c
 
 def match_offline_pairs(pred_dir: str | Path, gt_dir: str | Path) -> list[tuple[Path, Path]]:
     """Pair each prediction PNG with its ground truth by the number in its name (``pred_mask_N``, then ``testN``,
-    then the first digits), trying ``N.jpg``, ``N.png`` and then the same file name in ``gt_dir`` (§3.4)."""
+    then the first digits), trying ``N.jpg``, ``N.png`` and then the same file name in ``gt_dir`` (upstream
+    ``calculate_dice_iou.py:42-61, 168-191``)."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     pairs = []
     for pred in sorted(p for p in pred_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")):
@@ -196,3 +203,74 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if v.size == 0:
         return math.nan, math.nan
     return float(v.mean()), float(v.std())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# multi-class mIoU (distillation)
+
+
+class IoUAccumulator:
+    """TransKD's mIoU (``eval/iouEval.py:10-75``): TP/FP/FN accumulated over the whole split at the logits' (1/4)
+    resolution; pixels whose label is the ignore/void class are left out of FP (a prediction of the void class on a
+    valid pixel is a FN for the true class and a FP for nothing); IoU_c = TP / (TP + FP + FN + 1e-15); the mean runs
+    over the real classes, a class absent from both label and prediction counting as 0.
+
+    ``extra_ignore`` (255) is remapped to ``ignore_index`` first (TransKD remaps 255 to the void class 19)."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, extra_ignore: int | None = 255):
+        self.num_classes, self.ignore_index, self.extra_ignore = num_classes, ignore_index, extra_ignore
+        self.tp = torch.zeros(num_classes, dtype=torch.float64)
+        self.fp = torch.zeros(num_classes, dtype=torch.float64)
+        self.fn = torch.zeros(num_classes, dtype=torch.float64)
+
+    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+        pred, label = pred.reshape(-1).cpu().long(), label.reshape(-1).cpu().long()
+        if self.extra_ignore is not None and self.ignore_index is not None:
+            label = torch.where(label == self.extra_ignore, torch.full_like(label, self.ignore_index), label)
+        valid = torch.ones_like(label, dtype=torch.bool)
+        if self.ignore_index is not None:
+            valid = label != self.ignore_index
+        elif self.extra_ignore is not None:
+            valid = label != self.extra_ignore
+        for c in range(self.num_classes):
+            p, g = pred == c, label == c
+            self.tp[c] += (p & g).sum()
+            self.fp[c] += (p & ~g & valid).sum()
+            self.fn[c] += (~p & g).sum()
+
+    def state(self) -> torch.Tensor:
+        """``(3, num_classes)``: TP, FP, FN (sum it over ranks to merge shards)."""
+        return torch.stack([self.tp, self.fp, self.fn])
+
+    def load(self, state: torch.Tensor) -> None:
+        self.tp, self.fp, self.fn = state[0].clone(), state[1].clone(), state[2].clone()
+
+    def iou(self) -> torch.Tensor:
+        return self.tp / (self.tp + self.fp + self.fn + 1e-15)
+
+    def miou(self) -> float:
+        iou = self.iou()
+        if self.ignore_index is not None and self.ignore_index < self.num_classes:
+            iou = torch.cat([iou[: self.ignore_index], iou[self.ignore_index + 1 :]])
+        return float(iou.mean())
+
+
+def image_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255,
+               exclude: tuple[int, ...] = ()) -> float:
+    """The Dice of one image's class map ``(H, W)``, as the segmentation figures title it.
+
+    Two classes: the foreground (class 1) Dice of :func:`pooled_dice_iou` (upstream's formula, eps 1e-6). More
+    classes: the mean over the classes present in the target or the prediction (``exclude``: e.g. a void class) of
+    ``2|P_c ∩ G_c| / (|P_c| + |G_c|)``, pixels labelled ``ignore_index`` left out."""
+    if num_classes == 2:
+        return pooled_dice_iou(pred[None], target[None], ignore_index=ignore_index)[0]
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    scores = []
+    for c in range(num_classes):
+        if c in exclude:
+            continue
+        p, g = (pred == c) & valid, (target == c) & valid
+        total = int(p.sum()) + int(g.sum())
+        if total:
+            scores.append(2.0 * int((p & g).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0

@@ -1,12 +1,22 @@
-"""OpenUS pretraining: self-adaptive masked contrastive learning (spec §2), single process or torchrun + DDP.
+r"""OpenUS pretraining: self-adaptive masked contrastive learning (upstream main_openus.py), one process or torchrun.
 
-    python -m training.pretrain --config training/configs/debug_cpu.yaml --output-dir runs/debug [key=value ...]
+    python -m training.pretrain --config training/configs/debug_cpu.yaml --output-dir runs/debug data.manifest=M
     torchrun --nproc_per_node=4 -m training.pretrain --config training/configs/openus_small_paper.yaml \
         --output-dir runs/paper data.manifest=/data/us308k/manifest.txt
     ... --resume auto   # continue from the latest checkpoint in OUTPUT_DIR/checkpoints
 
-``--output-dir`` receives ``config.yaml`` (resolved), ``log.jsonl`` (per-term losses), ``checkpoints/``, ``figures/``
-and, with ``log.tensorboard=true``, TensorBoard events. Exit status 0 on success, 3 on a non-finite loss.
+Configuration: the defaults (training/pretrain.py DEFAULTS = the paper run) <- --config YAML <- key=value overrides;
+an unknown key is an error that names it. A manifest of the data (data.manifest) is required: write one with
+python -m training.data.datasets FOLDER --output FILE.
+
+OUTPUT_DIR receives config.yaml (resolved), log.jsonl (lr, schedules and every loss term per logged step),
+checkpoints/checkpoint_{step:08d}.pth (atomic, weights_only-loadable), figures/step_*.png with
+log.figure_every_steps=N (per global crop: crop | teacher attention on its token grid | mask | masked
+reconstruction) and, with log.tensorboard=true, TensorBoard events. A progress bar runs on rank 0; the run ends with
+what it wrote and the export command (python -m training.export_pretrained CHECKPOINT --output-dir DIR).
+
+Exit status: 0 done, 2 bad configuration or checkpoint (one line on stderr), 3 non-finite loss (the message names the
+step, every loss term and the last good checkpoint).
 """
 
 from __future__ import annotations
@@ -17,13 +27,10 @@ import json
 import logging
 import math
 import os
-import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from openus_hub import OpenUSConfig, OpenUSModel
@@ -41,23 +48,64 @@ from .ssl_meta_arch import (
     networks_from_upstream,
     param_groups,
 )
-from .utils import checkpoint as ckpt_utils
-from .utils import distributed as du
-from .utils.pretrain_config import dump_config, load_config
-from .utils.schedulers import cosine_scheduler
+from .common import distributed as du
+from .common.checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint,
+                                prune_checkpoints, save_checkpoint)
+from .common.config import ConfigError, dump_config, load_config
+from .common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from .common.progress import finish, progress_bar, redirect_logging
+from .common.rng import seed_everything, step_seed
+from .common.run_info import run_metadata
+from .common.schedulers import cosine_scheduler
 
 logger = logging.getLogger("training.pretrain")
 FORMAT = "openus_hub.pretrain/1"
 
+# Every key with its default = the paper run (upstream main_openus.py arguments as passed by
+# submit/submit_slurm_4gpus.sh:29-56), apart from the documented deviations (training/README.md).
+DEFAULTS: dict = {
+    "model": {
+        "preset": "openus-small",  # openus_hub preset; the keys below override it
+        "overrides": {},  # e.g. {embed_dim: 8, depths: [1, 1, 1, 2]}
+        "init_from": None,  # upstream checkpoint.pth, or a saved openus_hub folder (backbone only)
+    },
+    "head": {"out_dim": 8192, "patch_out_dim": 8192, "hidden_dim": 2048, "bottleneck_dim": 256, "norm_last_layer": True},
+    "data": {
+        "manifest": None, "batch_size_per_gpu": 32, "num_workers": 8,
+        "global_size": 224, "local_size": 96, "local_crops_number": 8,
+        "global_scale": [0.14, 1.0], "local_scale": [0.05, 0.4], "pred_ratio": 0.3,
+    },
+    "train": {
+        "epochs": 151, "max_steps": None, "seed": 42, "lr": 5e-4, "min_lr": 1e-6, "warmup_epochs": 10,
+        "weight_decay": 0.04, "weight_decay_end": 0.4, "momentum_teacher": 0.996, "clip_grad": 3.0,
+        "freeze_last_layer": 1, "teacher_train_mode": False, "num_threads": None, "deterministic": False,
+    },
+    "loss": {
+        "student_temp": 0.1, "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "warmup_teacher_patch_temp": 0.04,
+        "teacher_patch_temp": 0.07, "warmup_teacher_temp_epochs": 30, "lambda1": 1.0, "lambda2": 1.0,
+        "center_momentum": 0.9, "center_momentum2": 0.9,
+    },
+    "masking": {
+        "mask_model": "atten_guided", "student_feedback": True, "masking_ratio": 0.6, "adaptive_weighting": True,
+        "alpha_init": 0.1, "alpha_final": 0.9, "alpha_schedule": "cosine", "global_rec_loss": True,
+        "local_rec_loss": True,
+    },
+    "checkpoint": {"every_steps": 1000, "keep_last": 3, "keep_every_steps": None, "every_epoch": True},
+    "log": {"every_steps": 10, "figure_every_steps": None, "tensorboard": False, "progress_bar": True},
+}
 
-class NonFiniteLossError(RuntimeError):
-    pass
+FREE_KEYS = ("model.overrides",)  # fields of OpenUSConfig: checked by the config class itself
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """``DEFAULTS`` <- YAML <- ``key=value`` overrides; unknown keys are errors (:class:`ConfigError`)."""
+    return load_config(path, overrides, defaults=DEFAULTS, free=FREE_KEYS)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (training/configs/*.yaml); unset keys keep the defaults")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="run folder (config, log, checkpoints, figures)")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in OUTPUT_DIR/checkpoints) or a path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
     return p
@@ -101,16 +149,12 @@ def build_networks(cfg: dict) -> tuple[OpenUSPretrainNetwork, OpenUSPretrainNetw
     return student, teacher, head_kwargs, None
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-
-
-
 def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks, prev_importance, epoch: int,
                  epochs: int, mcfg: dict, gen: torch.Generator | None):
-    """Steps 2-8 of spec §2.4: teacher targets and attention, the self-adaptive mask, the student on masked global
-    and local crops, iBOT + reconstruction losses. Returns (total loss, loss terms, global masks, normalised teacher
-    attention, the new feedback signal (B, L) for the next step's mask)."""
+    """One step of upstream ``train_one_epoch`` (``main_openus.py:505-582``): teacher targets and attention, the
+    self-adaptive mask, the student on masked global and local crops, iBOT + reconstruction losses. Returns (total
+    loss, loss terms, global masks, normalised teacher attention, the new feedback signal (B, L) for the next step's
+    mask)."""
     n_local = 0 if locals_ is None else 1
     alpha, m_t = mask_schedules(epoch, epochs, mcfg["alpha_init"], mcfg["alpha_final"], mcfg["alpha_schedule"],
                                 mcfg["adaptive_weighting"])
@@ -119,7 +163,7 @@ def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks
     if mcfg["student_feedback"]:
         scores = mask_scores(attention, prev_importance, alpha)
         g_masks = adaptive_mask(scores, grid, mcfg["masking_ratio"], m_t, gen)
-    elif mcfg["mask_model"] == "atten_guided":  # teacher-only guidance (spec §2.4.5)
+    elif mcfg["mask_model"] == "atten_guided":  # teacher-only guidance (main_openus.py:550-558)
         g_masks = adaptive_mask(attention.mean(1), grid, mcfg["masking_ratio"], 0.001 + 0.899 * epoch / epochs, gen)
     else:
         g_masks = g_masks_ds
@@ -143,35 +187,24 @@ def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks
 
 
 @torch.no_grad()
-def write_figure(path: Path, crops: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor) -> None:
-    """One row per crop: image | teacher attention (column mean) | chosen mask | reconstruction (masked cells)."""
-    from PIL import Image
-
+def write_figure(path: Path, crops: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor,
+                 step: int, epoch: int, max_rows: int = 4):
+    """Up to ``max_rows`` global crops: crop | teacher attention on the token grid | chosen mask | masked
+    reconstruction (``training.common.figures.pretraining_figure``). ``attention``: the teacher's ``(B, L, L)``
+    map, min-max normalised over the batch; each token's score is its column mean (upstream ``main_openus.py:523``)."""
+    from .common.figures import pretraining_figure
     from .data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-
-    def rgb(x):
-        return (x.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).mul(255).byte().numpy()
-
-    def heat(v, size):
-        v = (v - v.min()) / (v.max() - v.min() + 1e-8)
-        img = Image.fromarray((v.cpu().numpy() * 255).astype(np.uint8), "L").resize((size, size), Image.NEAREST)
-        a = np.asarray(img, dtype=np.float32) / 255.0
-        return np.stack([a * 255, (1 - abs(a - 0.5) * 2) * 255, (1 - a) * 255], -1).astype(np.uint8)
-
-    n, size = min(4, crops.shape[0]), crops.shape[-1]
+    n = min(max_rows, crops.shape[0])
     grid = mask.shape[-2:]
-    rows = []
-    for i in range(n):
-        m = mask[i].float()
-        m_px = m.repeat_interleave(size // grid[0], 0).repeat_interleave(size // grid[1], 1)[..., None].cpu().numpy()
-        img = rgb(crops[i])
-        masked_img = (img * (1 - 0.6 * m_px)).astype(np.uint8)
-        rec = (rgb(recon[i]) * m_px + img * (1 - m_px)).astype(np.uint8)
-        rows.append(np.concatenate([img, heat(attention[i].mean(0).view(grid), size), masked_img, rec], 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+    def rgb(x):  # (n, 3, H, W) normalised -> (n, H, W, 3) in [0, 1]
+        return (x[:n].float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    scores = attention[:n].float().mean(1).reshape(n, *grid).cpu().numpy()  # column mean over the queries
+    return pretraining_figure(path, rgb(crops), scores, mask[:n].cpu().numpy().astype(bool), rgb(recon), step=step,
+                              epoch=epoch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,15 +213,23 @@ def write_figure(path: Path, crops: torch.Tensor, attention: torch.Tensor, mask:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_pretrain_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     rank, world, device = du.init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
     try:
-        return train(cfg, args, rank, world, device)
+        with redirect_logging():
+            return train(cfg, args, rank, world, device)
     except NonFiniteLossError as err:
         logger.error("%s", err)
-        return 3
+        return EXIT_NON_FINITE
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         du.cleanup()
 
@@ -201,25 +242,31 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
         torch.set_num_threads(int(tcfg["num_threads"]))
     if tcfg["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg["log"]["figure_every_steps"]:
+        from .common.figures import require_matplotlib
+
+        try:
+            require_matplotlib("log.figure_every_steps=null")
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
     if dcfg["manifest"] is None:
-        raise SystemExit("data.manifest is not set (write one with python -m training.data.datasets FOLDER --output FILE)")
+        raise ConfigError("data.manifest is not set: write one with python -m training.data.datasets FOLDER "
+                          "--output FILE, then pass data.manifest=FILE")
 
     resume_path = None
     if args.resume == "auto":
-        resume_path = ckpt_utils.latest_checkpoint(ckpt_dir)
+        resume_path = latest_checkpoint(ckpt_dir)
         if resume_path is None:
             logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
     elif args.resume:
         resume_path = Path(args.resume)
-    state = ckpt_utils.load(resume_path) if resume_path else None
+    state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:  # the run continues with the configuration it was started with
         cfg = state["config"]
         tcfg, dcfg, mcfg = cfg["train"], cfg["data"], cfg["masking"]
 
     seed = int(tcfg["seed"])
-    torch.manual_seed(seed)  # identical initialisation on every rank (DDP also broadcasts it)
-    random.seed(seed)
-    np.random.seed(seed)
+    seed_everything(seed)  # identical initialisation on every rank (DDP also broadcasts it)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml")
@@ -285,15 +332,9 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
     teacher.train(bool(tcfg["teacher_train_mode"]))  # upstream: train mode (DropPath active); default here: eval
 
     man_summary = manifest_summary(dcfg["manifest"]) if rank == 0 else None
-    git_sha = None
-    if rank == 0:
-        try:
-            git_sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                     cwd=Path(__file__).resolve().parent).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            pass
+    meta = run_metadata(world) if rank == 0 else None
 
-    def save_checkpoint(next_step: int) -> Path | None:
+    def save_run(next_step: int) -> Path | None:
         gathered = du.all_gather_object({
             "ema_loss_map": student.recon_importance.ema_loss_map.detach().cpu(),
             "ema_initialized": bool(student.recon_importance.ema_initialized),
@@ -302,15 +343,15 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
         })
         path = None
         if rank == 0:
-            path = ckpt_utils.checkpoint_path(ckpt_dir, next_step)
-            ckpt_utils.save_atomic({
+            path = checkpoint_path(ckpt_dir, next_step)
+            save_checkpoint({
                 "format": FORMAT, "step": next_step, "epoch": next_step // niter, "iters_per_epoch": niter,
-                "world_size": world, "student": student.state_dict(), "teacher": teacher.state_dict(),
+                "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "optimizer": optimizer.state_dict(), "ibot_loss": ibot_loss.state_dict(), "per_rank": gathered,
                 "config": cfg, "model_config": student.config.to_dict(), "head_kwargs": head_kwargs,
-                "data_manifest": man_summary, "git_sha": git_sha,
+                "data_manifest": man_summary, **meta,
             }, path)
-            ckpt_utils.prune(ckpt_dir, cfg["checkpoint"]["keep_last"], cfg["checkpoint"]["keep_every_steps"])
+            prune_checkpoints(ckpt_dir, cfg["checkpoint"]["keep_last"], cfg["checkpoint"]["keep_every_steps"])
         du.barrier()
         return path
 
@@ -323,12 +364,8 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
         except ImportError:
             logger.warning("log.tensorboard=true but tensorboard is not installed; skipping")
     log_file = open(out_dir / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
-    bar = None
-    if rank == 0 and cfg["log"]["progress_bar"]:
-        from tqdm import tqdm
-
-        bar = tqdm(total=max_steps, initial=step, desc="pretrain", dynamic_ncols=True)
-    last_good = ckpt_utils.latest_checkpoint(ckpt_dir) if rank == 0 else None
+    bar = progress_bar(max_steps, "pretrain", initial=step, enabled=rank == 0 and cfg["log"]["progress_bar"])
+    last_good = latest_checkpoint(ckpt_dir) if rank == 0 else None
 
     t0 = time.time()
     while step < max_steps:
@@ -341,8 +378,8 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
         alpha, m_t = mask_schedules(epoch, epochs, mcfg["alpha_init"], mcfg["alpha_final"], mcfg["alpha_schedule"],
                                     mcfg["adaptive_weighting"])
         for crops, masks in loader:
-            torch.manual_seed(_step_seed(seed, step, rank))  # DropPath and the random mask part: resumable
-            gen = torch.Generator().manual_seed(_step_seed(seed + 1, step, rank))
+            torch.manual_seed(step_seed(seed, step, rank))  # DropPath and the random mask part: resumable
+            gen = torch.Generator().manual_seed(step_seed(seed + 1, step, rank))
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_sched[step])
             optimizer.param_groups[0]["weight_decay"] = float(wd_sched[step])
@@ -379,9 +416,8 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
                     if tb is not None:
                         for k, v in record.items():
                             tb.add_scalar(f"train/{k}", v, step)
-                if bar is not None:
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
-                    bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+                bar.update(1)
                 every_fig = cfg["log"]["figure_every_steps"]
                 if every_fig and (step % int(every_fig) == 0 or step + 1 == max_steps):
                     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -389,26 +425,29 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
                         _, last_map, _ = student.encode(globals_, g_masks)
                         recon = student.decoder(last_map)
                         student.train()
-                    write_figure(out_dir / "figures" / f"step_{step:08d}.png", globals_, attention, g_masks, recon)
+                    write_figure(out_dir / "figures" / f"step_{step:08d}.png", globals_, attention, g_masks, recon,
+                                 step, epoch)
             step += 1
             ck = cfg["checkpoint"]
             epoch_end = step % niter == 0 and ck["every_epoch"]
             if (ck["every_steps"] and step % int(ck["every_steps"]) == 0) or epoch_end or step == max_steps:
-                path = save_checkpoint(step)
+                path = save_run(step)
                 if rank == 0:
                     last_good = path
                     logger.info("step %d: checkpoint %s", step, path)
             if step >= max_steps:
                 break
-    if bar is not None:
-        bar.close()
+    bar.close()
     if log_file is not None:
         log_file.close()
     if tb is not None:
         tb.close()
     if rank == 0:
-        logger.info("done: %d steps in %.1f s; export with python -m training.export_pretrained %s --output-dir DIR",
-                    step, time.time() - t0, last_good)
+        figures = out_dir / "figures"
+        finish(logger, f"{step} pretraining steps in {time.time() - t0:.1f} s: checkpoint {last_good}, "
+                       f"{out_dir / 'log.jsonl'}, {out_dir / 'config.yaml'}"
+                       + (f", figures in {figures}" if figures.is_dir() else ""),
+               f"python -m training.export_pretrained {last_good} --output-dir {out_dir / 'exported'}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Student and EMA teacher of OpenUS pretraining (spec §2.3): backbone + pixel decoder + reconstruction-importance
-EMA map + iBOT head, and the loading of upstream ``checkpoint.pth`` entries into them."""
+"""Student and EMA teacher of OpenUS pretraining (upstream ``main_openus.py:251-331`` of XZheng0427/OpenUS at commit
+6b9f6d2e): backbone + pixel decoder + reconstruction-importance EMA map + iBOT head, and the loading of upstream
+``checkpoint.pth`` entries into them."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class OpenUSPretrainNetwork(nn.Module):
         out = {"global_cls": g_cls, "global_patch": g_patch, "global_rec": g_rec, "importance": g_imp}
         if local_crops is not None:
             l_tokens, l_rec, _ = self.reconstruct(local_crops, local_masks, importance=False)
-            out["local_cls"] = self.head(l_tokens)[0]  # local patch logits are unused (spec §7.6)
+            out["local_cls"] = self.head(l_tokens)[0]  # local patch logits are unused (main_openus.py:563-565)
             out["local_rec"] = l_rec
         return out
 

@@ -1,4 +1,5 @@
-"""training/data/downstream.py: the dataset layouts and splits of spec §3.3, the mask rule and the transforms."""
+"""training/data/downstream.py: the dataset layouts and splits of upstream OpenUS (dataset/dataset_*.py), the mask rule
+and the transforms."""
 
 from __future__ import annotations
 

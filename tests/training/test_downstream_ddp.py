@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.utils.checkpoint import list_checkpoints, load
+from training.common.checkpoint import list_checkpoints
+from training.common.checkpoint import load_checkpoint as load
 
 REPO = Path(__file__).resolve().parents[2]
 

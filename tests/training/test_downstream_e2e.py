@@ -19,7 +19,9 @@ import openus_hub  # noqa: F401  (registers the classes with transformers)
 from openus_hub.io import read_dicom
 from training import evaluate as ev
 from training import finetune_segmentation, linear_probe
-from training.utils.checkpoint import list_checkpoints, load
+from tests.output_checks import assert_figure, assert_no_local_paths
+from training.common.checkpoint import list_checkpoints
+from training.common.checkpoint import load_checkpoint as load
 
 SEG_CFG = "training/configs/downstream/debug_cpu_seg.yaml"
 LIN_CFG = "training/configs/downstream/debug_cpu_linear.yaml"
@@ -79,12 +81,16 @@ def test_segmentation_finetune_resume_evaluate_export_pipeline(seg_root, tmp_pat
     for key in ("dice", "iou", "dice_per_sample", "iou_per_sample"):
         assert 0.0 <= test[key] <= 1.0
     assert test["iou_per_sample"] <= test["dice_per_sample"] + 1e-9  # IoU <= Dice for every image
+    # the best model's test overlays: 4 images x (image | ground truth | prediction with its Dice)
+    assert_figure(out / "figures" / "test_overlays.png", (1100, 1380))
 
     # 3) the exported folder: config + weights + processor + a card with the round-trip check and test metrics
     folder = out / "model"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"):
         assert (folder / name).is_file(), name
+    assert_no_local_paths(folder, seg_root, tmp_path)  # the data root appears by its base name only
     card = (folder / "README.md").read_text()
+    assert f"folder `{seg_root.name}`" in card
     assert "pipeline_tag: image-segmentation" in card and "Maximum absolute difference measured" in card
     assert "| folder | DSC |" in card
 
@@ -95,8 +101,10 @@ def test_segmentation_finetune_resume_evaluate_export_pipeline(seg_root, tmp_pat
     # evaluate CLI on the saved folder reproduces the training script's test numbers
     res_path = tmp_path / "res.json"
     assert ev.main(["segmentation", "--model", str(folder), "--config", SEG_CFG, "--output", str(res_path),
-                    "--save-masks", str(tmp_path / "pred"), f"data.root={seg_root}"]) == 0
+                    "--save-masks", str(tmp_path / "pred"), "--figure", str(tmp_path / "eval.png"),
+                    "--figure-images", "2", f"data.root={seg_root}"]) == 0
     res = json.loads(res_path.read_text())
+    assert_figure(tmp_path / "eval.png", (1100, 740))
     assert res["dice_per_sample"] == pytest.approx(test["dice_per_sample"], abs=1e-6)
     assert res["iou"] == pytest.approx(test["iou"], abs=1e-6)
     preds = sorted((tmp_path / "pred").glob("pred_frame_*.png"))

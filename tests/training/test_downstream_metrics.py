@@ -1,4 +1,6 @@
-"""training/metrics.py on hand-made masks and labels, against the formulas of spec §3.2 / §3.4 (eps = 1e-6)."""
+"""training/metrics.py on hand-made masks and labels, against upstream OpenUS's formulas (eps = 1e-6): batch-pooled and
+per-sample Dice/IoU (eval_segmentation.py:54-149, test_segmentation.py:71-177) and the offline script
+(calculate_dice_iou.py:15-61)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from conversion.model_card import SECTIONS, validate_card
+from tests.output_checks import assert_figure, assert_no_local_paths
 from training import distill, export_student
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run(config: str, out: Path, *overrides: str) -> dict:
-    return distill.main(["--config", str(CONFIGS / config), "--output-dir", str(out), *overrides])
+    return distill.run(["--config", str(CONFIGS / config), "--output-dir", str(out), *overrides])
 
 
 def _weights(path: Path) -> dict:
@@ -48,7 +49,17 @@ def test_debug_cpu_resume_matches_uninterrupted(tmp_path):
     assert diff <= 1e-6, diff
     for x, y in zip(straight["history"], resumed["history"]):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    assert not any(p.name.startswith(".tmp_") for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert not any(".tmp" in p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    # the val overlays at the end: 2 val frames x (image | ground truth | prediction with its Dice)
+    assert_figure(tmp_path / "straight" / "figures" / "val_overlays_step_00000004.png", (1100, 740))
+
+    # the best checkpoint (step 3, end of epoch 1) of a run limited to 4 steps: the card tells the two apart
+    best = tmp_path / "straight" / "checkpoints" / "best.pt"
+    export_student.export(str(best), str(tmp_path / "student"))
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "- **Training run:** 2 epochs configured, limited to 4 optimiser steps (`train.max_steps`)." in card
+    assert "- **This checkpoint:** `best.pt`, saved at optimiser step 3 after 1 complete epoch;" in card
+    assert "Trained:" not in card and "stopped at step" not in card
 
 
 BLOCKED_LOADER = r"""
@@ -114,7 +125,7 @@ def test_torchrun_openus_teacher_resume_export_and_plain_load(tmp_path):
     assert [r["step"] for r in ckpt["state"]["history"]] == [1, 2, 3]
 
     export_dir = tmp_path / "export"
-    numbers = export_student.main([str(out / "checkpoints" / "last.pt"), "--output-dir", str(export_dir)])
+    numbers = export_student.export(str(out / "checkpoints" / "last.pt"), str(export_dir))
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in export_dir.iterdir()}
     config = json.loads((export_dir / "config.json").read_text())
     assert config["model_type"] == "segformer" and config["id2label"] == {"0": "background", "1": "fan"}
@@ -146,6 +157,9 @@ def test_torchrun_openus_teacher_resume_export_and_plain_load(tmp_path):
     assert f"eps 1e-6 on block/stage norms: {ckpt['config']['student']['upstream_layer_norm_eps']}" in text
     assert hashlib.sha256((export_dir / "model.safetensors").read_bytes()).hexdigest() in text
     assert hashlib.sha256((out / "checkpoints" / "last.pt").read_bytes()).hexdigest() in text
+    assert_no_local_paths(export_dir, tmp_path)
+    dist = json.loads((export_dir / "distillation.json").read_text())
+    assert dist["checkpoint"].startswith("last.pt (sha256 ")
 
     proc = _run_group([sys.executable, "-c", BLOCKED_LOADER, str(export_dir)], 300, cwd=tmp_path,
                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

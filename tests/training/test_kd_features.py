@@ -1,4 +1,5 @@
-"""Feature extraction, student construction, FLOP counting, schedule, data pipeline and mIoU rule (spec §1-§5, §10)."""
+"""Feature extraction, student construction, FLOP counting, schedule, data pipeline and mIoU rule of TransKD
+(RuipingL/TransKD at commit 39ab795d: train/models/Segformer.py, train_TransKDBase.py, eval/iouEval.py)."""
 
 import random
 
@@ -14,7 +15,7 @@ from training.kd import TransKDDistiller, TransKDModules
 from training.kd.data import CoTransform, CoTransformConfig, fan_mask
 from training.kd.features import FeatureTap, TeacherFeatures, hierarchical_channels
 from training.kd.flops import count_flops, count_parameters
-from training.kd.metrics import IoUAccumulator
+from training.metrics import IoUAccumulator
 from training.kd.student import build_student, segformer_config
 
 TINY = dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], decoder_hidden_size=16, num_labels=2)

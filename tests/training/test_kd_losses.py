@@ -1,4 +1,5 @@
-"""Hand checks of the TransKD losses (spec §4, §10): HCL normaliser and level skipping, the void class, the sum."""
+"""Hand checks of the TransKD losses (train_TransKDBase.py:242-268, CSF.py:139-156): HCL normaliser and level
+skipping, the void class, the sum."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Masking, schedules, losses and optimiser helpers of training/ against the formulas of spec §2 (hand-checked)."""
+"""Masking, schedules, losses and optimiser helpers of training/ against upstream OpenUS's formulas (main_openus.py,
+utils.py; hand-checked)."""
 
 import math
 import random
@@ -21,7 +22,7 @@ from training.ssl_meta_arch import (
     ema_update,
     param_groups,
 )
-from training.utils.schedulers import cosine_scheduler
+from training.common.schedulers import cosine_scheduler
 
 TINY = dict(embed_dim=8, depths=[1, 1, 1, 2], drop_path_rate=0.0)
 HEAD = dict(out_dim=16, patch_out_dim=16, hidden_dim=12, bottleneck_dim=6)
@@ -31,7 +32,7 @@ def test_alpha_and_m_t_per_epoch():
     assert mask_schedules(0, 151) == pytest.approx((0.1, 0.1))
     alpha75, m75 = mask_schedules(75, 151)
     assert alpha75 == pytest.approx(0.1 + 0.8 * (1 - math.cos(math.pi * 75 / 151)) / 2)
-    assert alpha75 == pytest.approx(0.4958, abs=1e-4)  # spec: "about 0.49"
+    assert alpha75 == pytest.approx(0.4958, abs=1e-4)  # 0.1 + 0.8 * (1 - cos(pi * 75 / 151)) / 2
     assert m75 == pytest.approx(0.1 + 0.8 * 75 / 151)
     alpha150, m150 = mask_schedules(150, 151)
     assert alpha150 == pytest.approx(0.89991, abs=1e-5) and m150 == pytest.approx(0.8947, abs=1e-4)

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.output_checks import assert_figure, assert_no_local_paths
 from training import pretrain
 from training.data.datasets import build_manifest
-from training.utils.checkpoint import list_checkpoints, load
+from training.common.checkpoint import list_checkpoints
+from training.common.checkpoint import load_checkpoint as load
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "training" / "configs" / "debug_cpu.yaml")
@@ -54,7 +56,11 @@ def test_single_process_run(tmp_path, manifest):
     for r in records:
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("cls", "patch", "global_rec", "loss"))
     assert records[0]["lr"] == 0.0 and records[0]["alpha"] == pytest.approx(0.1)
-    assert (out / "config.yaml").is_file() and sorted(p.name for p in (out / "figures").iterdir())
+    assert (out / "config.yaml").is_file()
+    # figures at steps 0, 2 and the last (3): 4 global crops (2 images x 2 crops) x 4 titled columns
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [f"step_{i:08d}.png" for i in (0, 2, 3)]
+    for fig in (out / "figures").iterdir():
+        assert_figure(fig, (1400, 1380))
     steps = [s for s, _ in list_checkpoints(out / "checkpoints")]
     assert steps == [2, 4]  # keep_last 2
     state = load(out / "checkpoints" / "checkpoint_00000004.pth")  # weights_only=True
@@ -84,10 +90,13 @@ def test_non_finite_loss_stops_with_step_terms_and_checkpoint(tmp_path, manifest
     assert "non-finite loss at step" in msg and "'cls'" in msg and "checkpoint_0000000" in msg, msg
 
 
-def _check_export_card(folder: Path, checkpoint: Path, samples: int) -> str:
+def _check_export_card(folder: Path, checkpoint: Path, samples: int, local_root: Path) -> str:
     """The exported README.md: rendered from model_cards/ (ModelCardData front matter), parses back with
-    huggingface_hub.ModelCard, has a licence, every template section and the numbers the export measured."""
+    huggingface_hub.ModelCard, has a licence, every template section and the numbers the export measured; no file of
+    the folder names a local path (the manifest, the checkpoint and the output lie under ``local_root``)."""
     from huggingface_hub import ModelCard
+
+    assert_no_local_paths(folder, local_root, REPO)
 
     from conversion.model_card import SECTIONS, validate_card
 
@@ -171,7 +180,9 @@ def test_torchrun_interrupt_resume_equals_uninterrupted_then_export(tmp_path, ma
     for k, v in model.state_dict().items():
         assert torch.equal(v, b["teacher"]["backbone." + k]), k
     processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
-    text = _check_export_card(tmp_path / "hf", run / "checkpoints" / "checkpoint_00000030.pth", samples=8)
+    text = _check_export_card(tmp_path / "hf", run / "checkpoints" / "checkpoint_00000030.pth", samples=8,
+                              local_root=manifest.parent.parent)
+    assert "manifest.txt (sha256 " in text  # data.manifest in the shown config: base name + sha256
     assert "step 30 (epoch 15, 2 process(es))" in text and "batch_size_per_gpu: 2" in text
     with torch.no_grad():
         feats = model(**processor(torch.zeros(3, 64, 64, dtype=torch.uint8), return_tensors="pt"))
@@ -184,10 +195,12 @@ def test_quickstart_produces_its_files(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="training.quickstart"):
         assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4"]) == 0
     assert "NOT a useful pretrained model" in caplog.text
-    assert (tmp_path / "exported" / "model.safetensors").is_file() and (tmp_path / "frame_similarity.png").is_file()
-    from training.utils.checkpoint import latest_checkpoint
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert_figure(tmp_path / "frame_similarity.png", (1100, 480))
+    from training.common.checkpoint import latest_checkpoint
 
-    _check_export_card(tmp_path / "exported", latest_checkpoint(tmp_path / "run" / "checkpoints"), samples=4)
+    _check_export_card(tmp_path / "exported", latest_checkpoint(tmp_path / "run" / "checkpoints"), samples=4,
+                       local_root=tmp_path)
     assert sorted(p.name for p in (tmp_path / "run" / "figures").iterdir())
     # a second run refuses to replace the first one's files unless told to
     before = (tmp_path / "exported" / "model.safetensors").read_bytes()

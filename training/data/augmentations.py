@@ -1,4 +1,5 @@
-"""Multi-crop augmentation of OpenUS/iBOT (``DataAugmentationiBOT``, spec §2.2), in PIL + numpy, no torchvision.
+"""Multi-crop augmentation of OpenUS/iBOT (``DataAugmentationiBOT``, upstream ``main_openus.py:738-788``), in PIL +
+numpy, no torchvision.
 
 Every random draw comes from the ``random.Random`` passed in, so one sample's crops are a pure function of its seed
 (the dataset seeds it from (seed, epoch, index)): a resumed run sees the same crops as an uninterrupted one.
@@ -111,7 +112,7 @@ def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class MultiCropAugmentation:
-    """2 global crops + ``local_crops_number`` local crops of one RGB PIL image (spec §2.2)."""
+    """2 global crops + ``local_crops_number`` local crops of one RGB PIL image (``main_openus.py:738-788``)."""
 
     def __init__(self, global_size: int = 224, local_size: int = 96, local_crops_number: int = 8,
                  global_scale: tuple[float, float] = (0.14, 1.0), local_scale: tuple[float, float] = (0.05, 0.4)):

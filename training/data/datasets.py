@@ -65,7 +65,7 @@ def manifest_summary(path: str | Path) -> dict:
     path = Path(path)
     entries = read_manifest(path)
     return {
-        "manifest": str(path),
+        "manifest": path.name,  # the name only: this summary goes into model cards
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "samples": len(entries),
         "files": len({str(p) for p, _ in entries}),

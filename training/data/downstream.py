@@ -1,4 +1,6 @@
-"""Downstream datasets of OpenUS (spec §3.3) from folders, with upstream's splits and transforms (§3.1, §3.2).
+"""Downstream datasets of OpenUS from folders, with upstream's splits and transforms (``dataset/dataset_busi.py``,
+``dataset_fetal_planes_pytorch.py``, ``dataset_tn3k.py``, ``dataset_busbra.py``, ``dataset/transforms.py``,
+``eval_linear.py:31-56`` of XZheng0427/OpenUS at commit 6b9f6d2e).
 
 Layouts (``root`` is the dataset folder; ``split`` is ``train``, ``val`` or ``test``):
 
@@ -24,7 +26,8 @@ imagefolder classification, generic: ``root/<split>/<class>/*`` (``train``/``tra
 
 Mask rule: upstream turns a mask into labels with ``ToTensor().long()``, so only pixels **exactly 255** become 1
 (``label_rule="eq255"``); JPEG-artifact values 1-254 become background. ``label_rule="gt0"`` makes every non-zero
-pixel foreground (what the offline metric script assumes, §3.4), which is the better choice for JPEG masks (TN3K).
+pixel foreground (what the offline metric script ``calculate_dice_iou.py`` assumes), which is the better choice for
+JPEG masks (TN3K).
 
 Label efficiency: :func:`subsample` keeps a seeded fraction of the training samples (per class for classification).
 """
@@ -232,7 +235,8 @@ def mask_to_labels(mask: Image.Image, rule: str = "eq255") -> torch.Tensor:
 
 
 def classification_transform(img: Image.Image, size: int, train: bool, rng: random.Random | None) -> torch.Tensor:
-    """§3.1: train ``Resize((s, s))`` -> ``RandomResizedCrop(s)`` (scale 0.08-1, bilinear) -> HFlip; eval Resize."""
+    """``eval_linear.py:31-56``: train ``Resize((s, s))`` -> ``RandomResizedCrop(s)`` (scale 0.08-1, bilinear) -> HFlip;
+    eval Resize."""
     img = img.convert("RGB").resize((size, size), Image.BILINEAR)
     if train:
         img = img.resize((size, size), Image.BILINEAR, box=random_resized_crop_box(size, size, rng))
@@ -243,8 +247,8 @@ def classification_transform(img: Image.Image, size: int, train: bool, rng: rand
 
 def segmentation_transform(img: Image.Image, mask: Image.Image, size: int, train: bool, rng: random.Random | None,
                            label_rule: str = "eq255") -> tuple[torch.Tensor, torch.Tensor]:
-    """§3.2: resize (image bilinear, mask nearest); train: p 0.5 rotate by 90·k (k in 1..3, expand) + centre crop,
-    HFlip 0.5, VFlip 0.5."""
+    """``dataset/transforms.py``: resize (image bilinear, mask nearest); train: p 0.5 rotate by 90·k (k in 1..3, expand)
+    + centre crop, HFlip 0.5, VFlip 0.5."""
     img = img.convert("RGB").resize((size, size), Image.BILINEAR)
     mask = mask.convert("L").resize((size, size), Image.NEAREST)
     if train:

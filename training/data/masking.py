@@ -1,4 +1,6 @@
-"""Masks on the 32-pixel grid: the dataset's BEiT-style block masks (spec §2.2) and the self-adaptive mask (§2.4)."""
+"""Masks on the 32-pixel grid: the dataset's BEiT-style block masks (upstream
+``dataset/datasets_us308k_flexible.py:134-185``) and the self-adaptive mask (``main_openus.py:508-533``,
+``utils.py:1191-1232``)."""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def block_mask(
 def mask_schedules(epoch: int, epochs: int, alpha_init: float = 0.1, alpha_final: float = 0.9,
                    alpha_schedule: str = "cosine", adaptive_weighting: bool = True,
                    m_start: float = 0.1, m_span: float = 0.8) -> tuple[float, float]:
-    """Per-epoch ``(alpha, m_t)`` of the adaptive mask (spec §2.4 step 3).
+    """Per-epoch ``(alpha, m_t)`` of the adaptive mask (``main_openus.py:508-516``).
 
     ``m_t = m_start + m_span * epoch / epochs``; ``alpha`` goes cosine (or linearly) from ``alpha_init`` to
     ``alpha_final``, or stays ``alpha_init`` without adaptive weighting.

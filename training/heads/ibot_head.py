@@ -1,4 +1,4 @@
-"""iBOT projection head (upstream ``models/head.py::iBOTHead``, spec §2.3).
+"""iBOT projection head (upstream ``models/head.py:65-199``, ``iBOTHead``, XZheng0427/OpenUS at commit 6b9f6d2e).
 
 3-layer MLP (Linear -> GELU -> Linear -> GELU -> Linear to the bottleneck, no norm), L2-normalisation, then two
 weight-normalised linear layers: ``last_layer`` for the CLS token and ``last_layer2`` for the patch tokens. The

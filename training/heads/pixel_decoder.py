@@ -1,4 +1,5 @@
-"""Pixel-reconstruction decoder (upstream ``Backbone_DINOv2_VSSM_2.decoder``, spec §1.7)."""
+"""Pixel-reconstruction decoder (upstream ``Backbone_DINOv2_VSSM_2.decoder``,
+``vmamba_models/dino_vmamba.py:1669-1683`` of XZheng0427/OpenUS at commit 6b9f6d2e)."""
 
 from __future__ import annotations
 

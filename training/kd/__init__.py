@@ -1,6 +1,7 @@
 """TransKD knowledge-distillation modules (training only; the deployed student is a stock SegFormer).
 
-Spec: ../shared/specs/transkd.md §3. Key names and the upstream key map live in `upstream_keys.py`.
+Upstream: ``CSF.py`` (CSF + PEA), ``CSF_GLMixer.py``, ``CSF_EA.py`` of RuipingL/TransKD at commit 39ab795d. Key
+names and the upstream key map live in `upstream_keys.py`.
 """
 
 from .csf import CrossSelectiveFusion, SelectiveFusion

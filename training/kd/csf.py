@@ -1,4 +1,5 @@
-"""CSF: cross selective fusion (TransKD spec §3.1).
+"""CSF: cross selective fusion (TransKD ``CSF.py:6-130``, classes ``SK`` and ``SKF``; RuipingL/TransKD at commit
+39ab795d).
 
 A ReviewKD-style review path run deep to shallow. Each stage projects the student map to `mid` channels, fuses it
 with the nearest-upsampled residual of the deeper stage through SKNet channel attention (a softmax over the two
@@ -28,7 +29,7 @@ class SelectiveFusion(nn.Module):
         if fuse:
             self.fc = nn.Sequential(nn.Conv2d(mid_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
             # BatchNorm in train mode cannot normalise one value per channel, so upstream switches to this
-            # un-normalised copy when the batch has a single sample (spec §9 #12: e.g. the odd last batch).
+            # un-normalised copy when the batch has a single sample (CSF.py:27-30, 53-56: e.g. the odd last batch).
             self.fc1 = nn.Sequential(nn.Conv2d(mid_channels, hidden, 1, bias=False), nn.ReLU())
             self.fcs = nn.ModuleList(nn.Conv2d(hidden, mid_channels, 1) for _ in range(2))
         nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)

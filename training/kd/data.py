@@ -1,8 +1,9 @@
-"""Datasets and the TransKD co-transform (spec §5.1), PIL + torch only (no torchvision).
+"""Datasets and the TransKD co-transform (``MyCoTransform``, ``train_TransKDBase.py:43-74`` of RuipingL/TransKD at
+commit 39ab795d), PIL + torch only (no torchvision).
 
 * `CityscapesDataset` / `ACDCDataset`: upstream layouts (trainId PNGs), upstream co-transform.
-* `SegmentationFolderDataset`: the generic ultrasound layout of the downstream issue, `root/{split}/images/*` and
-  `root/{split}/masks/*` paired by file stem (or `root/images` + `root/masks` without a split), mask rule
+* `SegmentationFolderDataset`: the generic ultrasound layout (as in `training/data/downstream.py`),
+  `root/{split}/images/*` and `root/{split}/masks/*` paired by file stem (or `root/images` + `root/masks` without a split), mask rule
   `pixel == 255 -> 1` (`mask_rule: eq255`) or `pixel > 0 -> 1` (`gt0`), or raw class indices (`index`).
 * `DicomExampleFrames`: real ultrasound frames bundled with pydicom (`pydicom.examples`), with a synthetic mask (the
   thresholded, smoothed fan region) for smoke tests and the debug recipe.
@@ -31,7 +32,7 @@ class CoTransformConfig:
     label_scale: float = 0.25  # labels at the logits' resolution (1/4), nearest from the full-resolution label
     hflip: bool = True
     max_shift: int = 2  # +-2 px translation (upstream)
-    # upstream's translation bugs (spec §5.1 3a/3b, §9 #4): the same shift in image and label pixels, and negative
+    # upstream's translation bugs (train_TransKDBase.py:43-74): the same shift in image and label pixels, and negative
     # shifts fill the label with 0 (= a real class). False: the label shift is scaled to the label grid and every
     # uncovered label pixel is `ignore_index`.
     reproduce_shift_quirks: bool = True

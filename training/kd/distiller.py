@@ -1,4 +1,5 @@
-"""The trainable TransKD wrapper: the student plus its KD modules (spec §3). The teacher is not part of it."""
+"""The trainable TransKD wrapper: the student plus its KD modules (upstream ``SKF`` built by ``build_kd_trans``,
+``CSF.py:133-137`` of RuipingL/TransKD at commit 39ab795d). The teacher is not part of it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EA: embedding assistant (TransKD spec §3.4).
+"""EA: embedding assistant (TransKD ``CSF_EA.py:80-143``, RuipingL/TransKD at commit 39ab795d).
 
 Four extra teacher-width overlapping patch embeddings (Conv then LayerNorm eps 1e-5) fed with the same tensors as the
 student's own patch embeddings (the image, then student stage outputs f1..f3), mixed with PEA by learnable scalars:

@@ -1,4 +1,6 @@
-"""Teacher/student feature extraction on transformers models (TransKD spec §2, §8).
+"""Teacher/student feature extraction on transformers models. TransKD distils, per stage, the stage output after the
+stage-end LayerNorm and the patch-embedding tokens after the patch embedding's LayerNorm
+(``train/models/Segformer4EmbeddingKD.py:334-374`` of RuipingL/TransKD at commit 39ab795d).
 
 Stage features come from `output_hidden_states=True` on the backbone; patch embeddings from forward hooks on the
 modules that produce each stage's input tokens:

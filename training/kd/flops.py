@@ -1,4 +1,5 @@
-"""FLOP counting with TransKD's README convention (spec §0, §6): multiply-accumulates of the modules, counted as
+"""FLOP counting with TransKD's README convention (its table: B2 113.84, B0 13.67 GFLOPs): multiply-accumulates of
+the modules, counted as
 "FLOPs", at a 1x3x512x1024 input, *without* the attention matmuls (q@k, attn@v) and the bilinear upsampling. This is
 what fvcore reports for Conv/Linear/norm modules (fvcore's norm costs: LayerNorm 5 per element with affine,
 BatchNorm in eval 2 per element with affine), minus the `matmul` and `upsample` entries.

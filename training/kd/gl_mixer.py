@@ -1,10 +1,11 @@
-"""GL-Mixer: global-local context mixer on the deepest student embedding (TransKD spec §3.3).
+"""GL-Mixer: global-local context mixer on the deepest student embedding (TransKD ``CSF_GLMixer.py:72-133``,
+RuipingL/TransKD at commit 39ab795d).
 
 mixed = alpha * MHSA(e) + beta * GLU(e) (+ e with `add`), where GLU is Conv1d(t) * sigmoid(Conv1d'(t)) over the
 raster-flattened token sequence (1-D: horizontal neighbours, wrapping at row ends, as upstream).
 
 Initial alpha and beta: upstream declares both as `nn.Parameter(torch.FloatTensor(1))` and never initialises them
-(their value is whatever memory holds, spec §9 #11). We initialise both to 1.0 by default (`alpha_init`,
+(``CSF_GLMixer.py:101-102``: their value is whatever memory holds). We initialise both to 1.0 by default (`alpha_init`,
 `beta_init`), i.e. an even sum of the global and local branches; the parity tests load the fixture's values.
 """
 

@@ -1,4 +1,5 @@
-"""PEA: patch-embedding alignment (TransKD spec §3.2): one Linear(C_s -> C_t) per stage on the embedding tokens."""
+"""PEA: patch-embedding alignment (TransKD ``CSF.py:81-85, 109-114``, RuipingL/TransKD at commit 39ab795d): one
+Linear(C_s -> C_t) per stage on the embedding tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Stock transformers SegFormer students, built from scratch (TransKD spec §1.2, §7, §9 #8-#10)."""
+"""Stock transformers SegFormer students, built from scratch as TransKD's (``train/models/Segformer.py`` of
+RuipingL/TransKD at commit 39ab795d: its init, LayerNorm eps and decode-head dropout)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-# MiT sizes (spec §1.1); heads 1/2/5/8 and sr 8/4/2/1 everywhere.
+# MiT sizes (Segformer.py:445-468); heads 1/2/5/8 and sr 8/4/2/1 everywhere.
 MIT_PRESETS: dict[str, dict] = {
     "b0": {"hidden_sizes": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256},
     "b1": {"hidden_sizes": [64, 128, 320, 512], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256},
@@ -17,7 +18,8 @@ MIT_PRESETS: dict[str, dict] = {
 
 
 def segformer_config(preset: str | None = None, **overrides) -> SegformerConfig:
-    """SegformerConfig for a MiT preset (or fully from `overrides`) with upstream's defaults (spec §1.4)."""
+    """SegformerConfig for a MiT preset (or fully from `overrides`) with upstream's defaults: patch sizes 7/3/3/3,
+    strides 4/2/2/2, MLP ratio 4, GELU, drop path 0.1, classifier dropout 0.1, 20 labels (Segformer.py:218-297)."""
     kwargs = dict(
         num_attention_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2],
         mlp_ratios=[4, 4, 4, 4], hidden_act="gelu", drop_path_rate=0.1, classifier_dropout_prob=0.1,
@@ -31,7 +33,8 @@ def segformer_config(preset: str | None = None, **overrides) -> SegformerConfig:
 
 @torch.no_grad()
 def init_segformer_like_upstream(model: SegformerForSemanticSegmentation) -> None:
-    """SegFormer's original init (spec §1.2, §9 #8), replacing transformers' N(0, 0.02) everywhere.
+    """SegFormer's original init (Segformer.py:273: applied before the decoder is built), replacing transformers'
+    N(0, 0.02) everywhere.
 
     Encoder: Linear trunc_normal(std .02, bounds +-2), bias 0; LayerNorm 1/0; Conv normal(0, sqrt(2/fan_out)),
     fan_out = kh*kw*out/groups, bias 0. Decoder (built after upstream's `apply`, so it keeps other inits): the
@@ -61,10 +64,12 @@ def init_segformer_like_upstream(model: SegformerForSemanticSegmentation) -> Non
 
 def apply_upstream_numerics(model: SegformerForSemanticSegmentation, layer_norm_eps: bool = True,
                             dropout2d: bool = True) -> None:
-    """Spec §9 #9/#10: transformers builds every LayerNorm with eps 1e-5 and uses element-wise Dropout in the head.
+    """Upstream numerics: TransKD's block and stage-end LayerNorms use eps 1e-6 (Segformer.py:449, 467) and its decode
+    head ``Dropout2d`` (Segformer.py:292-295); transformers builds every LayerNorm with eps 1e-5 and uses element-wise
+    Dropout in the head.
     `layer_norm_eps` sets eps 1e-6 on the block and stage-end LayerNorms (patch-embed and sr norms keep 1e-5);
     `dropout2d` swaps the head dropout for channel-wise Dropout2d(p). Neither is stored in a stock SegFormer config:
-    an exported student runs with transformers' eps 1e-5 (logits move by ~1e-5, spec §1.4) and inference ignores
+    an exported student runs with transformers' eps 1e-5 (logits move by ~1e-5 on a random B0) and inference ignores
     dropout."""
     if layer_norm_eps:
         for stage in model.segformer.stages:

@@ -1,5 +1,6 @@
-"""Training losses, one per file. The TransKD losses (spec §4) are re-exported here; `transkd.py` sums them exactly
-as upstream does. Pretraining losses (`ibot_loss.py`, `reconstruction.py`) are imported by module path."""
+"""Training losses, one per file. The TransKD losses (``train_TransKDBase.py:242-268`` of RuipingL/TransKD at commit
+39ab795d) are re-exported here; `transkd.py` sums them exactly as upstream does. Pretraining losses (`ibot_loss.py`,
+`reconstruction.py`) are imported by module path."""
 
 from .hcl import hierarchical_context_loss, hierarchical_context_loss_per_stage
 from .patch_embedding import PatchEmbeddingLoss

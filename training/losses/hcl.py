@@ -1,4 +1,4 @@
-"""Hierarchical context loss (ReviewKD's `hcl`, TransKD spec §4).
+"""Hierarchical context loss (ReviewKD's `hcl`, TransKD ``CSF.py:139-156`` of RuipingL/TransKD at commit 39ab795d).
 
 Per stage: MSE of the full maps plus MSE of 4x4, 2x2 and 1x1 average-pooled maps with weights 1, 1/2, 1/4, 1/8,
 divided by the sum of the weights used (1.875 when no level is skipped). A level l is skipped when l >= the map's

@@ -1,12 +1,14 @@
-"""iBOT loss with centering (upstream ``main_openus.py::iBOTLoss``, spec §2.5)."""
+"""iBOT loss with centering (upstream ``main_openus.py:641-736``, ``iBOTLoss``; XZheng0427/OpenUS at commit
+6b9f6d2e)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from ..common.distributed import all_reduce_sum
 
 
 class IBOTLoss(nn.Module):
@@ -92,9 +94,8 @@ class IBOTLoss(nn.Module):
         cls_sum = teacher_cls.sum(dim=0, keepdim=True)  # [1, K]
         patch_sum = teacher_patch.mean(1).sum(dim=0, keepdim=True)  # [1, K']
         count = torch.tensor([float(teacher_cls.shape[0])], device=teacher_cls.device)
-        if dist.is_available() and dist.is_initialized():
-            for t in (cls_sum, patch_sum, count):
-                dist.all_reduce(t)
+        for t in (cls_sum, patch_sum, count):
+            all_reduce_sum(t)
         self.center.mul_(self.center_momentum).add_(cls_sum / count, alpha=1 - self.center_momentum)
         self.center2.mul_(self.center_momentum2).add_((patch_sum / count)[:, None], alpha=1 - self.center_momentum2)
 

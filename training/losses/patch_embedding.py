@@ -1,5 +1,5 @@
-"""Patch-embedding loss (TransKD spec §4): sum over stages of w_s * MSE(aligned student tokens, teacher tokens),
-w = (0.1, 0.1, 0.5, 1.0) (upstream `--embed-weights`)."""
+"""Patch-embedding loss: sum over stages of w_s * MSE(aligned student tokens, teacher tokens), w = (0.1, 0.1, 0.5, 1.0)
+(upstream `--embed-weights`; ``train_TransKDBase.py:258-263, 565`` of RuipingL/TransKD at commit 39ab795d)."""
 
 from __future__ import annotations
 

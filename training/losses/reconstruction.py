@@ -1,4 +1,5 @@
-"""Masked pixel reconstruction loss and the "reconstruction importance" EMA map (spec §1.7)."""
+"""Masked pixel reconstruction loss and the "reconstruction importance" EMA map (upstream
+``vmamba_models/dino_vmamba.py:1697-1727, 1779-1822`` of XZheng0427/OpenUS at commit 6b9f6d2e)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TransKD's total loss (spec §4), summed in upstream's order (train_TransKDBase.py:242-263):
+"""TransKD's total loss, summed in upstream's order (``train_TransKDBase.py:242-263`` of RuipingL/TransKD at commit
+39ab795d):
 
     loss = hcl * lambda_hcl + ce
     loss += w_s * mse(pe_s)      for s = 1..4

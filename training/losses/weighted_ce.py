@@ -1,4 +1,5 @@
-"""Class-weighted cross-entropy with a void class (TransKD spec §4, §9 #1).
+"""Class-weighted cross-entropy with a void class (``train_TransKDBase.py:72, 77-114`` of RuipingL/TransKD at
+commit 39ab795d).
 
 `NLLLoss(weight=w)(log_softmax(logits), labels)` with the mean reduction: sum_p w[y_p] * nll_p / sum_p w[y_p], over
 the pixels of the (1/4-resolution) logits. Upstream's Cityscapes/ACDC setup has 20 classes: the 19 trainIds with

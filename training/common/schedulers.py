@@ -1,4 +1,4 @@
-"""Per-iteration schedules (DINO/iBOT ``utils.cosine_scheduler``, spec §2.1)."""
+"""Per-iteration schedules (DINO/iBOT ``cosine_scheduler``, upstream OpenUS ``utils.py:215-226``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""torch.distributed set-up from torchrun's environment (gloo on CPU, nccl on GPU); single process without it."""
+"""torch.distributed set-up from torchrun's environment (gloo on CPU, nccl on GPU), and the collectives the jobs use.
+Without torchrun (or with one process) every helper works as the single-process identity."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+__all__ = ["all_gather_object", "all_reduce_sum", "any_true", "barrier", "cleanup", "init_distributed", "is_dist"]
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -29,12 +32,20 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def all_gather_object(obj):
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
     if not is_dist():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks, in place; returns it."""
+    if is_dist():
+        dist.all_reduce(t)
+    return t
 
 
 def barrier() -> None:
