@@ -7,6 +7,8 @@ returns the four-direction selective scan merged back to row-major order. Implem
   Readable, pure PyTorch, runs anywhere (slow: a Python loop over ``L``).
 * ``"cpu_kernel"``: the fused C++ kernel of :mod:`.cpu_scan` (CPU tensors; compiled on first use).
 * ``"mamba_ssm"``: ``mamba_ssm``'s CUDA ``selective_scan_fn`` (CUDA tensors, optional ``[cuda]`` extra).
+* ``"chunked"``: :func:`.chunked_scan.cross_selective_scan_chunked`, standard tensor operations only (any device;
+  the path ONNX export uses). Never chosen by ``"auto"``.
 * ``"auto"``: ``mamba_ssm`` for CUDA tensors when it imports, ``cpu_kernel`` for CPU tensors when it compiles,
   ``reference`` otherwise. The chosen path is logged once.
 """
@@ -18,6 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .chunked_scan import cross_selective_scan_chunked
 from .cpu_scan import CHANNEL_BLOCK, fused_cross_scan_cpu
 from .cpu_scan import is_available as cpu_kernel_available
 from .cross_scan import cross_merge, cross_scan
@@ -34,7 +37,7 @@ __all__ = [
     "ss2d_attention_map",
 ]
 
-SCAN_IMPLEMENTATIONS = ("auto", "reference", "cpu_kernel", "mamba_ssm")
+SCAN_IMPLEMENTATIONS = ("auto", "reference", "cpu_kernel", "mamba_ssm", "chunked")
 
 try:  # optional CUDA kernel; importing mamba_ssm without CUDA raises more than ImportError
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
@@ -110,6 +113,8 @@ def cross_selective_scan(
     k = x_proj_weight.shape[0]
     length = height * width
     impl = resolve_scan_implementation(implementation, u.device)
+    if impl == "chunked":
+        return cross_selective_scan_chunked(u, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
     A = -torch.exp(A_log.float())  # [K*D, N]
 
     if impl == "cpu_kernel":
