@@ -117,12 +117,14 @@ def _resolve_task(model_type: str, architectures: list[str], task: str | None, s
     return task
 
 
-def _load(model: Any, task: str | None) -> tuple[nn.Module, str, str, Path | None]:
-    """(model, task, model_type, folder) for a folder / registered name or an in-memory model."""
+def _load(model: Any, task: str | None, check=lambda task, model_type: None) -> tuple[nn.Module, str, str, Path | None]:
+    """(model, task, model_type, folder) for a folder / registered name or an in-memory model; ``check(task,
+    model_type)`` runs before any weights are read."""
     if isinstance(model, nn.Module):
         config = model.config
         architectures = [type(model).__name__]
         task = _resolve_task(_model_type(config), architectures, task, type(model).__name__)
+        check(task, _model_type(config))
         return model, task, _model_type(config), None
     source = str(model)
     folder = Path(source)
@@ -145,6 +147,7 @@ def _load(model: Any, task: str | None) -> tuple[nn.Module, str, str, Path | Non
         config = AutoConfig.from_pretrained(source)
         model_type, architectures = _model_type(config), list(getattr(config, "architectures", None) or [])
     task = _resolve_task(model_type, architectures, task, source)
+    check(task, model_type)
     import openus_hub.auto as auto
 
     loader = {
@@ -218,6 +221,9 @@ def output_names_for(task: str, stage_maps: bool = False) -> list[str]:
 def _tmp_path(dest: Path, suffix: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plainly created file, not mkstemp's 0600
     return Path(tmp)
 
 
@@ -299,11 +305,13 @@ def export_onnx(
     if not out.parent.is_dir():
         raise ExportError(f"output folder {out.parent} does not exist")
 
-    loaded, task, model_type, folder = _load(model, task)
-    if quantize and model_type != "segformer":
-        raise ExportError("--quantize is for SegFormer students; OpenUS models export in float32 (or --fp16)")
-    if stage_maps and task != "feature-extraction":
-        raise ExportError("stage maps are outputs of --task feature-extraction only")
+    def check(task: str, model_type: str) -> None:
+        if quantize and model_type != "segformer":
+            raise ExportError("--quantize is for SegFormer students; OpenUS models export in float32 (or --fp16)")
+        if stage_maps and task != "feature-extraction":
+            raise ExportError("stage maps are outputs of --task feature-extraction only")
+
+    loaded, task, model_type, folder = _load(model, task, check)
     processor = _load_processor(loaded, model_type, folder)
     if image_size is None:
         image_size = _processor_size(processor) or (224, 224)
