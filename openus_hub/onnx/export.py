@@ -311,6 +311,8 @@ def export_onnx(
         if stage_maps and task != "feature-extraction":
             raise ExportError("stage maps are outputs of --task feature-extraction only")
 
+    if quantize == "static":
+        _calibration_files(calibration_dir)  # before any weights are read
     loaded, task, model_type, folder = _load(model, task, check)
     processor = _load_processor(loaded, model_type, folder)
     if image_size is None:
@@ -448,16 +450,24 @@ def _quantize(proto, fp32_path: Path, mode: str, calibration_dir, processor, che
     return qproto, info
 
 
-def calibration_batches(folder, processor) -> list[np.ndarray]:
-    """Every image of ``folder`` (searched recursively; DICOM frames included) as a processed ``(1, 3, H, W)``."""
-    from openus_hub.features import expand_input
+def _calibration_files(folder) -> list[Path]:
     from openus_hub.io import find_inputs
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"--calibration-dir {folder} is not a folder")
+    files = find_inputs([str(folder)])
+    if not files:
+        raise ExportError(f"--calibration-dir {folder} has no readable images (PNG, JPEG, TIFF or DICOM)")
+    return files
+
+
+def calibration_batches(folder, processor) -> list[np.ndarray]:
+    """Every image of ``folder`` (searched recursively; DICOM frames included) as a processed ``(1, 3, H, W)``."""
+    from openus_hub.features import expand_input
+
     batches = []
-    for path in find_inputs([str(folder)]):
+    for path in _calibration_files(folder):
         for item in expand_input(path, dicom_crop="auto"):
             pixel_values = processor([as_rgb(item.image, processor)], return_tensors="np")["pixel_values"]
             batches.append(np.asarray(pixel_values, dtype=np.float32))
