@@ -1,4 +1,5 @@
-"""The SS2D scan of VMamba ("v05_noz", spec §1.4 steps 3-7), behind one dispatch point.
+"""The SS2D scan of VMamba ("v05_noz": cross-scan, projections, selective scan, cross-merge; ``SS2Dv2`` forward,
+``vmamba_models/dino_vmamba.py:517-580`` in XZheng0427/OpenUS at commit 6b9f6d2e), behind one dispatch point.
 
 ``cross_selective_scan`` takes the activated, channel-last input of an SS2D block and its scan parameters, and
 returns the four-direction selective scan merged back to row-major order. Implementations:
@@ -158,7 +159,8 @@ def ss2d_attention_map(
     A_log: torch.Tensor,
     clamp: float = 1e-20,
 ) -> torch.Tensor:
-    """Implicit attention of an SS2D block's selective scans ("CwBw", spec §1.8), summed over the four directions.
+    """Implicit attention of an SS2D block's selective scans ("CwBw" of ``AttnMamba.get_attnmap_mamba``,
+    ``analyze/utils.py:345-478`` in XZheng0427/OpenUS at 6b9f6d2e), summed over the four directions.
 
     For direction ``g`` the scan output at step ``i`` is ``sum_j M_g(i, j) u(j)`` (plus the skip term), with
     ``M_g(i, j) = mean_d sum_n C_n(i) w_n(i) B_n(j) / w_n(j)`` for ``j <= i``, ``w(t) = exp(cumsum_{s<=t} A delta(s))``.
