@@ -297,6 +297,23 @@ def test_classification_export(tmp_path):
                      "image-classification"]) == 2
 
 
+def test_fp16_export_runs_close_to_fp32(micro_folder, tmp_path):
+    """--fp16: float16 graph (float32 input/outputs), standard operators, within 2% of the output scale."""
+    out = tmp_path / "fp16.onnx"
+    assert cli_main(["export-onnx", str(micro_folder), "--output", str(out), "--fp16", "--image-size", "64", "64"]) == 0
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer) > 10
+    model = OpenUSModel.from_pretrained(micro_folder).eval()
+    x = _echo_pixels(size=(64, 64), count=1)
+    expected = _torch_outputs(model, x, stage_maps=False)
+    got = _ort_outputs(out, x)
+    for name, value in expected.items():
+        err = float(np.abs(got[name] - value).max())
+        assert got[name].dtype == np.float32 and err <= 2e-2 * max(1.0, float(np.abs(value).max())), (name, err)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.fixture(scope="module")
 def micro_folder(tmp_path_factory):

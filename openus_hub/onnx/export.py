@@ -36,8 +36,8 @@ TASKS = ("feature-extraction", "image-classification", "semantic-segmentation")
 DEFAULT_OPSET = 17  # first opset with LayerNormalization, which ONNX Runtime runs as one fused kernel
 MAX_OPSET = 20  # newest opset of torch.onnx's TorchScript-based exporter
 STRIDE = 32  # OpenUS and SegFormer both downsample by 32
-FP32_ATOL = 1e-4  # acceptance tolerance of the export check (measured errors are ~1e-6, see the tests)
-FP16_ATOL = 5e-2
+FP32_ATOL = 1e-4  # acceptance tolerance of the export check (measured errors are <= 2e-5, see the tests)
+FP16_RTOL = 2e-2  # fp16 graphs: max |ORT - PyTorch fp32| <= 2e-2 x max(1, max |output|) (measured ~1e-3)
 
 # architecture class -> task it is exported for by default, and the head class each task needs
 _TASK_OF_ARCHITECTURE = {
@@ -234,6 +234,7 @@ def _replace_atomically(tmp: Path, dest: Path) -> None:
 def _session(path_or_bytes, threads: int | None = None):
     ort = require("onnxruntime")
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: fp16 graphs log a warning per node it cannot constant-fold
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
@@ -357,7 +358,7 @@ def export_onnx(
         quant_info: dict[str, Any] = {}
         if fp16:
             proto = _to_fp16(proto)
-        atol = FP16_ATOL if fp16 else FP32_ATOL
+        atol = [FP16_RTOL * max(1.0, float(np.abs(e).max())) if fp16 else FP32_ATOL for e in expected]
         diffs = _check_graph(proto, names, check_input, expected, atol, check=not quantize)
         if quantize:
             proto, quant_info = _quantize(proto, tmp_graph, quantize, calibration_dir, processor, check_input,
@@ -400,25 +401,32 @@ def export_onnx(
     return ExportResult(out, task, image_size, names, diffs, operators, quant_info, files)
 
 
-def _check_graph(proto, names, check_input, expected, atol, check: bool) -> dict[str, float]:
+def _check_graph(proto, names, check_input, expected, atol: list[float], check: bool) -> dict[str, float]:
     """Run the graph in ONNX Runtime on ``check_input``; max |ORT - PyTorch| per output (ExportError above atol)."""
     session = _session(proto.SerializeToString())
     got = session.run(names, {"pixel_values": check_input.numpy()})
-    diffs = {}
-    for name, g, e in zip(names, got, expected):
+    diffs, bad = {}, {}
+    for name, g, e, tol in zip(names, got, expected, atol):
         if g.shape != e.shape:
             raise ExportError(f"exported output {name} has shape {g.shape}, PyTorch gives {e.shape}")
         diffs[name] = _max_abs(g, e)
-    bad = {k: v for k, v in diffs.items() if not v <= atol}
+        if not diffs[name] <= tol:
+            bad[name] = f"{diffs[name]:.2e} > {tol:.1e}"
     if check and bad:
-        raise ExportError(f"ONNX Runtime output differs from PyTorch by more than {atol:g}: {bad}")
+        raise ExportError(f"ONNX Runtime output differs from PyTorch: {bad}")
     return diffs
 
 
 def _to_fp16(proto):
+    """float16 weights and activations, float32 input and outputs (onnxruntime's converter, then a topological sort:
+    the converter appends its input casts after the nodes that read them)."""
+    require("onnxruntime")
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    return convert_float_to_float16(proto, keep_io_types=True)
+    converted = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
+    converted.topological_sort()
+    return converted.model
 
 
 def _quantize(proto, fp32_path: Path, mode: str, calibration_dir, processor, check_input, fp32_logits,

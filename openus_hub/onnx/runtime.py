@@ -37,6 +37,9 @@ class ORTModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.log_severity_level = 3  # errors only (fp16 graphs warn about every unfoldable node)
         self.session = ort.InferenceSession(
             str(self.path), session_options, providers=providers or ["CPUExecutionProvider"]
         )
