@@ -227,16 +227,10 @@ def _tmp_path(dest: Path, suffix: str) -> Path:
     return Path(tmp)
 
 
-def _replace_atomically(tmp: Path, dest: Path) -> None:
-    os.replace(tmp, dest)
-
-
-def _session(path_or_bytes, threads: int | None = None):
+def _session(path_or_bytes):
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: fp16 graphs log a warning per node it cannot constant-fold
-    if threads:
-        options.intra_op_num_threads = threads
     return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
 
 
@@ -392,7 +386,7 @@ def export_onnx(
                 staged.append((Path(tmp_dir) / name, out.parent / name))
             for src, dest in staged:
                 os.replace(src, dest)
-        _replace_atomically(tmp_out, out)
+        os.replace(tmp_out, out)
     finally:
         for tmp in (tmp_graph, tmp_out):
             if tmp.exists():
