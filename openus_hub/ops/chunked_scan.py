@@ -153,10 +153,12 @@ def cross_selective_scan_chunked(
     x_proj_weight: torch.Tensor,
     dt_proj_weight: torch.Tensor,
     dt_proj_bias: torch.Tensor,
-    A_log: torch.Tensor,
+    A: torch.Tensor,
     D: torch.Tensor,
 ) -> torch.Tensor:
-    """The four-direction SS2D scan of ``u (B, H, W, D)`` (arguments as ``ss2d.cross_selective_scan``), chunked.
+    """The four-direction SS2D scan of ``u (B, H, W, D)``, chunked.
+
+    Arguments as ``ss2d.cross_selective_scan``, except ``A = -exp(A_log)`` ``(K * D, N)``, negative.
 
     Directions (VMamba's cross-scan): ``k = 0`` row-major, ``1`` column-major, ``2`` and ``3`` their reverses.
     Row-major order is solved as chunks = rows (dimension H) of steps along W; column-major as chunks = columns
@@ -178,7 +180,7 @@ def cross_selective_scan_chunked(
     dts, Bs, Cs = torch.split(x_dbl, [rank, state, state], dim=1)
     dt = torch.bmm(dts.transpose(1, 2), dt_proj_weight.float().transpose(1, 2))  # [K, BL, D]
     delta = softplus(dt + dt_proj_bias.float()[:, None, :])  # [K, BL, D]
-    A = -torch.exp(A_log.float()).view(k, channels, state).transpose(1, 2)  # [K, N, D]
+    A = A.float().view(k, channels, state).transpose(1, 2)  # [K, N, D]
     grid = (batch, height, width)
     decay = torch.exp(delta[:, None] * A[:, :, None, :])  # [K, N, BL, D], exponents <= 0
     drive = (delta * flat)[:, None] * Bs[..., None]  # [K, N, BL, D]

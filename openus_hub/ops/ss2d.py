@@ -114,9 +114,9 @@ def cross_selective_scan(
     k = x_proj_weight.shape[0]
     length = height * width
     impl = resolve_scan_implementation(implementation, u.device)
-    if impl == "chunked":
-        return cross_selective_scan_chunked(u, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
     A = -torch.exp(A_log.float())  # [K*D, N]
+    if impl == "chunked":
+        return cross_selective_scan_chunked(u, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
 
     if impl == "cpu_kernel":
         rank, block = dt_proj_weight.shape[-1], CHANNEL_BLOCK
