@@ -36,7 +36,7 @@ TASKS = ("feature-extraction", "image-classification", "semantic-segmentation")
 DEFAULT_OPSET = 17  # first opset with LayerNormalization, which ONNX Runtime runs as one fused kernel
 MAX_OPSET = 20  # newest opset of torch.onnx's TorchScript-based exporter
 STRIDE = 32  # OpenUS and SegFormer both downsample by 32
-FP32_ATOL = 1e-4  # acceptance tolerance of the export check (measured errors are <= 2e-5, see the tests)
+FP32_ATOL = 1e-4  # acceptance tolerance of the export check (measured errors are <= 1.1e-5, see the tests)
 FP16_RTOL = 2e-2  # fp16 graphs: max |ORT - PyTorch fp32| <= 2e-2 x max(1, max |output|) (measured ~1e-3)
 
 # architecture class -> task it is exported for by default, and the head class each task needs
