@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from openus_hub.onnx import ORTModel, export_onnx
@@ -94,7 +93,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    options = None
     import onnxruntime as ort
 
     options = ort.SessionOptions()

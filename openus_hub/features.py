@@ -170,8 +170,9 @@ def extract_features(
 
     Args:
         model: an ``OpenUSModel`` (or any OpenUS head model: its backbone is used), a folder / hub id to load with
-            ``AutoModel``, or an exported feature-extraction ``.onnx`` file / :class:`~openus_hub.onnx.ORTModel` (run in
-            ONNX Runtime; stage maps need an export with ``stage_maps=True``). Inputs go to the model's device and dtype; outputs come back as float32 on CPU.
+            ``AutoModel``, or an exported feature-extraction ``.onnx`` file / :class:`~openus_hub.onnx.ORTModel` (run
+            in ONNX Runtime; stage maps need an export with ``stage_maps=True``). Inputs go to the model's device and
+            dtype; outputs come back as float32 on CPU.
         inputs: one input or a list: PIL images, numpy arrays / tensors (HxW, HxWxC, CxHxW), image or DICOM file
             paths, pydicom Datasets, or :class:`~openus_hub.io.DicomImage`. A cine loop contributes one row per
             selected frame.

@@ -6,10 +6,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pydicom.examples
@@ -195,8 +195,7 @@ def test_ortmodel_in_extract_features_and_embed(tiny_export, tmp_path):
     for a, b in zip(ours.stage_maps, ref.stage_maps):
         assert torch.allclose(a, b, atol=ATOL)
     # openus-hub embed --model FILE.onnx: same embeddings as the PyTorch folder
-    shutil_copy = __import__("shutil").copy
-    shutil_copy(pydicom.examples.get_path("ybr_color"), tmp_path / "cine.dcm")
+    shutil.copy(pydicom.examples.get_path("ybr_color"), tmp_path / "cine.dcm")
     model_dir = path.parent.parent / "model"
     rc_onnx = cli_main(["embed", str(tmp_path / "cine.dcm"), "--model", str(path), "--output",
                         str(tmp_path / "onnx.npz"), "--num-frames", "3", "--no-progress"])

@@ -148,7 +148,8 @@ def test_int8_static_quantisation_keeps_the_mask(trained_student, capsys):
     model, root, frames, masks = trained_student
     held_out = list(range(1, 30, 2))
     results = {}
-    for name, extra in (("fp32", []), ("int8", ["--quantize", "static", "--calibration-dir", str(root / "calibration")])):
+    static = ["--quantize", "static", "--calibration-dir", str(root / "calibration")]
+    for name, extra in (("fp32", []), ("int8", static)):
         out = root / name / "student.onnx"
         out.parent.mkdir()
         assert cli_main(["export-onnx", str(root / "student"), "--output", str(out), "--dynamic-batch", *extra]) == 0
@@ -194,8 +195,8 @@ def test_int8_dynamic_quantisation_runs(trained_student):
 def test_static_quantisation_needs_calibration_images(trained_student, tmp_path, capsys):
     _, root, _, _ = trained_student
     (tmp_path / "empty").mkdir()
-    for extra, match in ((["--quantize", "static"], "--calibration-dir"),
-                         (["--quantize", "static", "--calibration-dir", str(tmp_path / "empty")], "no readable images")):
+    empty = ["--quantize", "static", "--calibration-dir", str(tmp_path / "empty")]
+    for extra, match in ((["--quantize", "static"], "--calibration-dir"), (empty, "no readable images")):
         assert cli_main(["export-onnx", str(root / "student"), "--output", str(tmp_path / "q.onnx"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and match in err and "\n" not in err, err

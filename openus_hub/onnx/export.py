@@ -100,8 +100,8 @@ def _model_type(config) -> str:
 
 def _resolve_task(model_type: str, architectures: list[str], task: str | None, source: str) -> str:
     if model_type not in _HEAD_OF_TASK:
-        raise ExportError(f"{source} is not an OpenUS or SegFormer model (model_type {model_type!r}); export-onnx takes "
-                          "a folder written by save_pretrained, the converters or training.export_student")
+        raise ExportError(f"{source} is not an OpenUS or SegFormer model (model_type {model_type!r}); export-onnx "
+                          "takes a folder written by save_pretrained, the converters or training.export_student")
     if task is None:
         task = next((_TASK_OF_ARCHITECTURE[a] for a in architectures if a in _TASK_OF_ARCHITECTURE), None)
         task = task or next(iter(_HEAD_OF_TASK[model_type]))
@@ -392,6 +392,7 @@ def export_onnx(
             if tmp.exists():
                 tmp.unlink()
     files = [out, out.parent / "config.json", out.parent / "preprocessor_config.json"]
+    logger.info("exported %s (%s, %dx%d); max |ONNX Runtime - PyTorch|: %s", out, task, *image_size, diffs)
     return ExportResult(out, task, image_size, names, diffs, operators, quant_info, files)
 
 
