@@ -296,6 +296,19 @@ def test_classification_export(tmp_path):
                      "image-classification"]) == 2
 
 
+@pytest.mark.parametrize("opset", [18, 20])
+def test_other_opsets_and_a_non_square_size(opset, tmp_path):
+    config = OpenUSConfig(embed_dim=16, depths=[1, 1, 1, 1], d_state=2, drop_path_rate=0.0)
+    model = OpenUSModel(config).eval()
+    from openus_hub.onnx import export_onnx
+
+    result = export_onnx(model, tmp_path / "m.onnx", opset=opset, image_size=(64, 96), dynamic_batch=True,
+                         stage_maps=True)
+    assert onnx.load(str(result.path)).opset_import[0].version == opset
+    x = torch.randn(2, 3, 64, 96)
+    _assert_close(_ort_outputs(result.path, x), _torch_outputs(model, x), label=f"opset {opset}")
+
+
 def test_fp16_export_runs_close_to_fp32(micro_folder, tmp_path):
     """--fp16: float16 graph (float32 input/outputs), standard operators, within 2% of the output scale."""
     out = tmp_path / "fp16.onnx"
