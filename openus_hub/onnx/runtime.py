@@ -138,7 +138,8 @@ class ORTModel:
         if self.task == "feature-extraction":
             maps = [out[f"stage_maps.{i}"] for i in range(4) if f"stage_maps.{i}" in out]
             if output_hidden_states and not maps:
-                raise ValueError(f"{self.path.name} was exported without stage maps; re-export with --stage-maps")
+                raise ValueError(f"{self.path.name} was exported without stage maps; re-export with --stage-maps (or "
+                                 "ask for pooled features only, e.g. extract_features(..., return_stage_maps=False))")
             return BaseModelOutputWithPooling(
                 last_hidden_state=out["last_hidden_state"], pooler_output=out["pooler_output"],
                 hidden_states=tuple(maps) if output_hidden_states else None,
