@@ -1,4 +1,5 @@
-"""The SS2D scan of VMamba ("v05_noz", spec §1.4 steps 3-7), behind one dispatch point.
+"""The SS2D scan of VMamba ("v05_noz": cross-scan, projections, selective scan, cross-merge; ``SS2Dv2`` forward,
+``vmamba_models/dino_vmamba.py:517-580`` in XZheng0427/OpenUS at commit 6b9f6d2e), behind one dispatch point.
 
 ``cross_selective_scan`` takes the activated, channel-last input of an SS2D block and its scan parameters, and
 returns the four-direction selective scan merged back to row-major order. Implementations:
@@ -7,6 +8,8 @@ returns the four-direction selective scan merged back to row-major order. Implem
   Readable, pure PyTorch, runs anywhere (slow: a Python loop over ``L``).
 * ``"cpu_kernel"``: the fused C++ kernel of :mod:`.cpu_scan` (CPU tensors; compiled on first use).
 * ``"mamba_ssm"``: ``mamba_ssm``'s CUDA ``selective_scan_fn`` (CUDA tensors, optional ``[cuda]`` extra).
+* ``"chunked"``: :func:`.chunked_scan.cross_selective_scan_chunked`, standard tensor operations only (any device;
+  the path ONNX export uses). Never chosen by ``"auto"``.
 * ``"auto"``: ``mamba_ssm`` for CUDA tensors when it imports, ``cpu_kernel`` for CPU tensors when it compiles,
   ``reference`` otherwise. The chosen path is logged once.
 """
@@ -18,6 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .chunked_scan import cross_selective_scan_chunked
 from .cpu_scan import CHANNEL_BLOCK, fused_cross_scan_cpu
 from .cpu_scan import is_available as cpu_kernel_available
 from .cross_scan import cross_merge, cross_scan
@@ -34,7 +38,7 @@ __all__ = [
     "ss2d_attention_map",
 ]
 
-SCAN_IMPLEMENTATIONS = ("auto", "reference", "cpu_kernel", "mamba_ssm")
+SCAN_IMPLEMENTATIONS = ("auto", "reference", "cpu_kernel", "mamba_ssm", "chunked")
 
 try:  # optional CUDA kernel; importing mamba_ssm without CUDA raises more than ImportError
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
@@ -111,6 +115,8 @@ def cross_selective_scan(
     length = height * width
     impl = resolve_scan_implementation(implementation, u.device)
     A = -torch.exp(A_log.float())  # [K*D, N]
+    if impl == "chunked":
+        return cross_selective_scan_chunked(u, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
 
     if impl == "cpu_kernel":
         rank, block = dt_proj_weight.shape[-1], CHANNEL_BLOCK
@@ -153,7 +159,8 @@ def ss2d_attention_map(
     A_log: torch.Tensor,
     clamp: float = 1e-20,
 ) -> torch.Tensor:
-    """Implicit attention of an SS2D block's selective scans ("CwBw", spec §1.8), summed over the four directions.
+    """Implicit attention of an SS2D block's selective scans ("CwBw" of ``AttnMamba.get_attnmap_mamba``,
+    ``analyze/utils.py:345-478`` in XZheng0427/OpenUS at 6b9f6d2e), summed over the four directions.
 
     For direction ``g`` the scan output at step ``i`` is ``sum_j M_g(i, j) u(j)`` (plus the skip term), with
     ``M_g(i, j) = mean_d sum_n C_n(i) w_n(i) B_n(j) / w_n(j)`` for ``j <= i``, ``w(t) = exp(cumsum_{s<=t} A delta(s))``.

@@ -327,7 +327,7 @@ def _vendor_ops_for_remote_code(folder: str) -> None:
         ops_dir = os.path.dirname(ops.__file__)
     except ImportError:  # already running as remote code: the ops files sit beside this one
         ops_dir = os.path.dirname(os.path.abspath(__file__))
-    for name in ("cpu_scan.py", "cross_scan.py", "selective_scan.py", "ss2d.py"):
+    for name in ("chunked_scan.py", "cpu_scan.py", "cross_scan.py", "selective_scan.py", "ss2d.py"):
         if os.path.abspath(os.path.join(ops_dir, name)) != os.path.abspath(os.path.join(folder, name)):
             shutil.copyfile(os.path.join(ops_dir, name), os.path.join(folder, name))
     path = os.path.join(folder, os.path.basename(__file__))
