@@ -10,3 +10,6 @@ fi
 # torch build is a CUDA one that runs on CPU). Installed first, so the package's ranges install nothing more.
 .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/pip install --quiet -e ".[test,timm]"
+# Build the CPU scan kernel now (once per machine, a second or two; shared by every venv) so that no first forward
+# pays for it. Without a C++ compiler this prints the fix, and openus_hub falls back to the PyTorch scan.
+.venv/bin/python -m openus_hub.ops.build || true

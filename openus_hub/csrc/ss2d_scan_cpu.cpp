@@ -2,8 +2,9 @@
 //
 // Plain C++ on raw float pointers. It includes no torch header and calls nothing from the C++ runtime library
 // (posix_memalign/free/memcpy/memset from libc only; built with -fno-exceptions -fno-rtti), so one build serves every
-// torch version and compiles in about a second. openus_hub/ops/build.py compiles and caches it; openus_hub/ops/cpu_scan.py
-// loads it with ctypes and wraps it in a torch custom op (so autograd and torch.compile see an ordinary operator).
+// torch version and compiles in a second or two. openus_hub/ops/build.py compiles and caches it;
+// openus_hub/ops/cpu_scan.py loads it with ctypes and wraps it in a torch custom op (autograd and torch.compile see an
+// ordinary operator).
 //
 // Why a kernel: the selective scan is a recurrence over the L = H * W positions (3136 at stage 0 of a 224x224 image).
 // In PyTorch it is a Python loop over L or a chunked formulation that moves several times the data. Here one loop walks
@@ -38,7 +39,8 @@
 //   dLoss/ddelta(l) = sum_n g_n(l) * (A_n * a_n(l) * h_n(l - 1) + B_n(p) * u[p])
 //   dLoss/dA_n     += g_n(l) * delta(l) * a_n(l) * h_n(l - 1)
 //   dLoss/dDskip   += gy[p] * u[p]
-//   dLoss/ddt[p]    = dLoss/ddelta(l) * sigmoid(x(l))                 (softplus' = sigmoid); dLoss/dbias = sum over b, p
+//   dLoss/ddt[p]    = dLoss/ddelta(l) * sigmoid(x(l))                 (softplus' = sigmoid)
+//   dLoss/dbias     = sum over images and positions of dLoss/ddt
 // The forward states h(l) of one direction are kept in a buffer (L + 1 per state) and read back in reverse.
 //
 // Parallelism: one task = one image b and one block of 16 channels, all four directions; tasks are independent, so

@@ -5,13 +5,13 @@ It is built once per machine, on first use or ahead of time with::
 
     python -m openus_hub.ops.build        # prebuild (scripts/install.sh runs it); prints where the library lives
 
-Cache: ``$OPENUS_HUB_KERNEL_CACHE`` if set, else ``$XDG_CACHE_HOME/openus_hub/kernels`` (``~/.cache/openus_hub/kernels``;
-``%LOCALAPPDATA%\\openus_hub\\kernels`` on Windows). Each build lives in its own folder named by a hash of the kernel
-source, the compiler (path and ``--version``), the flags and the platform; nothing about the Python environment enters
-the key, so every virtual environment on the machine shares one build. A build runs under a file lock and appears by
-an atomic rename of a complete folder, so concurrent first uses build once; ``build.log`` in the cache records every
-build. A compile error is recorded beside the builds (``*.failed``) so later processes fall back at once instead of
-compiling again; a changed source or compiler gets a new key.
+Cache: ``$OPENUS_HUB_KERNEL_CACHE`` if set, else ``$XDG_CACHE_HOME/openus_hub/kernels``
+(``~/.cache/openus_hub/kernels``; ``%LOCALAPPDATA%\\openus_hub\\kernels`` on Windows). Each build lives in its own
+folder named by a hash of the kernel source, the compiler (path and ``--version``), the flags and the platform; nothing
+about the Python environment enters the key, so every virtual environment on the machine shares one build. A build
+runs under a file lock and appears by an atomic rename of a complete folder, so concurrent first uses build once;
+``build.log`` in the cache records every build. A compile error is recorded beside the builds (``*.failed``) so later
+processes fall back at once instead of compiling again; a changed source or compiler gets a new key.
 
 Nothing here runs at import: the first call of :func:`load_library` (through the first CPU scan) does the work.
 Folders saved for ``trust_remote_code`` carry these Python files but not the C++ source: their copy of this file is
@@ -51,10 +51,7 @@ ABI_VERSION = 1
 # Set in copies written by vendor_ops() (remote-code folders, which carry no C++ source); None in the package.
 _VENDORED_SOURCE_SHA256: str | None = None
 
-FIX = (
-    "install a C++ compiler (e.g. `apt install g++`, `xcode-select --install`, or set CXX), then run "
-    "`python -m openus_hub.ops.build`"
-)
+PREBUILD = "`python -m openus_hub.ops.build`"
 
 
 class KernelUnavailable(RuntimeError):
@@ -231,7 +228,15 @@ def _compile(cache: Path, entry: Path, material: dict, source: bytes, compiler: 
         info = dict(material, command=cmd[:1] + flags, build_seconds=round(seconds, 3),
                     built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         (tmp / "build.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, entry)  # atomic: the entry appears complete or not at all
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, entry)  # atomic: the entry appears complete or not at all
+        except OSError:
+            if not (entry / LIBRARY_FILE).is_file():
+                raise
+            # another process built the same entry at the same time (a file system where locks do not hold)
+            _log_build(cache, f"built {entry.name} in {seconds:.2f} s ({sys.executable}); kept the other build")
+            return
         _log_build(cache, f"built {entry.name} in {seconds:.2f} s ({sys.executable})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -296,16 +301,19 @@ def _locate(allow_build: bool) -> tuple[Path, bool]:
                     raise KernelUnavailable(f"cannot build the kernel in {cache} ({err}); set {CACHE_ENV} to a "
                                             "writable folder") from err
         if errors:
-            raise KernelUnavailable("the CPU scan kernel failed to compile (" + " | ".join(errors) + ")")
+            raise KernelUnavailable("the CPU scan kernel failed to compile (" + " | ".join(errors) + "). Fix: set CXX "
+                                    f"to another C++ compiler and run {PREBUILD}, and please report the error")
     prebuilt = _find_prebuilt(cache, source_sha) if cache.is_dir() else None
     if prebuilt is not None:
         return prebuilt, False
     if compiler is None:
-        raise KernelUnavailable(f"no C++ compiler found (tried {os.environ.get('CXX') or 'c++, g++, clang++'})")
+        raise KernelUnavailable(f"no C++ compiler found (tried {os.environ.get('CXX') or 'c++, g++, clang++'}). Fix: "
+                                "install one (e.g. `apt install g++` or `xcode-select --install`) or set CXX, then "
+                                f"run {PREBUILD}")
     if source is None:
-        raise KernelUnavailable("the kernel is not built on this machine and this folder carries no C++ source "
-                                "(install openus_hub and run `python -m openus_hub.ops.build`)")
-    raise KernelUnavailable("the kernel is not built yet")
+        raise KernelUnavailable("the kernel is not built on this machine and this folder carries no C++ source. "
+                                f"Fix: `pip install openus_hub`, then run {PREBUILD} once")
+    raise KernelUnavailable(f"the kernel is not built yet. Fix: run {PREBUILD}")
 
 
 _lock = threading.Lock()
@@ -364,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lib = load_library()
     except KernelUnavailable as err:
-        print(f"error: {err}. Fix: {FIX}. Without the kernel, openus_hub uses the slower PyTorch scan.",
-              file=sys.stderr)
+        print(f"error: {err}. Without the kernel, openus_hub uses the slower PyTorch scan.", file=sys.stderr)
         return 1
     if args.quiet:
         print(lib.path)

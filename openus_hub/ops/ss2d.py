@@ -2,7 +2,8 @@
 
 ``cross_selective_scan`` takes the activated, channel-last input of an SS2D block and its scan parameters, and
 returns the four-direction selective scan merged back to row-major order (upstream ``SS2Dv2`` forward,
-``vmamba_models/dino_vmamba.py:517-580`` in XZheng0427/OpenUS: cross-scan, projections, selective scan, cross-merge). Implementations, by name (:data:`SCAN_IMPLEMENTATIONS`):
+``vmamba_models/dino_vmamba.py:517-580`` in XZheng0427/OpenUS: cross-scan, projections, selective scan, cross-merge).
+Implementations, by name (:data:`SCAN_IMPLEMENTATIONS`):
 
 * ``"reference"``: cross-scan -> per-direction projections -> :func:`selective_scan_reference` -> cross-merge.
   Readable, pure PyTorch, runs anywhere: the definition every other path is tested against (slow: a Python loop).
@@ -78,11 +79,9 @@ def _cpu_kernel_problem(device: torch.device) -> str | None:
     if device.type != "cpu":
         return "it needs CPU tensors"
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return f"the CPU kernel is disabled by {DISABLE_ENV}"
+        return f"the CPU kernel is disabled by {DISABLE_ENV} (unset it to use the kernel)"
     if not cpu_kernel_available():  # builds the kernel on the first call if this machine has none
-        from .build import FIX
-
-        return f"the CPU kernel is unavailable ({unavailable_reason()}). Fix: {FIX}"
+        return f"the CPU kernel is unavailable: {unavailable_reason()}"
     return None
 
 
@@ -229,7 +228,10 @@ def resolve_scan_implementation(implementation: str, device: torch.device) -> st
 
 
 def _projections(xs: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor):
-    """Per-direction projections of scanned sequences ``xs (B, K, D, L)`` -> ``dts (B, K, D, L)``, ``Bs, Cs (B, K, N, L)``."""
+    """Per-direction projections of the scanned sequences ``xs (B, K, D, L)``.
+
+    Returns ``dts (B, K, D, L)`` and ``Bs, Cs (B, K, N, L)``.
+    """
     rank = dt_proj_weight.shape[-1]
     state = (x_proj_weight.shape[1] - rank) // 2
     x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)  # [B, K, R+2N, L]
