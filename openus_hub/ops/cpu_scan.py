@@ -43,6 +43,8 @@ _failed: str | None = None
 def _load() -> ctypes.CDLL | None:
     """The kernel library (built on the first call if this machine has none), or None with the reason in _failed."""
     global _lib, _failed
+    if _lib is not None or _failed is not None:  # settled: no lock, so torch.compile traces through without a break
+        return _lib
     with _lock:
         if _lib is not None or _failed is not None:
             return _lib

@@ -227,6 +227,13 @@ def resolve_scan_implementation(implementation: str, device: torch.device) -> st
     return chosen
 
 
+@torch.compiler.assume_constant_result
+def _resolve_for_device_type(implementation: str, device_type: str) -> str:
+    """resolve_scan_implementation for a device type; torch.compile runs it once while tracing and keeps the answer
+    (loading the CPU kernel takes a lock, which would otherwise break the graph)."""
+    return resolve_scan_implementation(implementation, torch.device(device_type))
+
+
 def _projections(xs: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor):
     """Per-direction projections of the scanned sequences ``xs (B, K, D, L)``.
 
@@ -261,7 +268,7 @@ def cross_selective_scan(
     Returns:
         ``(B, H, W, D)`` float32: the sum over the four directions, row-major positions.
     """
-    impl = resolve_scan_implementation(implementation, u.device)
+    impl = _resolve_for_device_type(implementation, u.device.type)
     A = -torch.exp(A_log.float())  # [K*D, N]
     return _IMPLEMENTATIONS[impl].run(u, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
 
