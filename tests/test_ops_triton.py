@@ -3,7 +3,7 @@ and on a GPU when there is one (against the reference and mamba-ssm, with timing
 
 Tolerances: forward within 1e-5 and gradients within 1e-4 of each tensor's largest entry (floor 1), as for the CPU
 kernel; measured under the interpreter: at most 4e-7 forward and 5e-7 for gradients (float32 rounding only).
-Shapes are tiny because the interpreter runs each program step by step in Python (about 15 ms per scan step here).
+Shapes are tiny because the interpreter runs every program, and every element of a scan, in Python.
 """
 
 import time
@@ -38,21 +38,24 @@ def _on(inputs, device):
     return [t.detach().to(device).requires_grad_() for t in inputs]
 
 
-# (batch, H, W, inner D, dt rank R, d_state N, channels per program): two channel blocks with a partial one, odd and
-# non-square maps, H = 1 and W = 1, d_state 1, 2, 3 (padded to 4) and 16, batch > 1
-SHAPES = [(2, 3, 5, 20, 2, 1, 16), (2, 5, 3, 8, 1, 16, 8), (1, 4, 1, 12, 1, 3, 8), (2, 1, 6, 6, 1, 2, None)]
+# (batch, H, W, inner D, dt rank R, d_state N, channels per program, steps per chunk): two channel blocks with a
+# partial one, several chunks with a partial last one, odd and non-square maps, H = 1 and W = 1, d_state 1, 2,
+# 3 (padded to 4) and 16, batch > 1
+SHAPES = [(2, 3, 5, 20, 2, 1, 16, 4), (1, 5, 3, 4, 1, 16, 4, 8), (1, 4, 1, 12, 1, 3, 8, 2), (2, 1, 6, 6, 1, 2, 32, 64)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_triton_matches_reference_forward_and_backward(device, shape, monkeypatch):
-    *sizes, block_d = shape
-    monkeypatch.setattr(triton_scan, "DEFAULT_BLOCK_D", block_d or triton_scan.DEFAULT_BLOCK_D)
+    *sizes, block_d, chunk = shape
+    monkeypatch.setattr(triton_scan, "DEFAULT_BLOCK_D", block_d)
+    monkeypatch.setattr(triton_scan, "MAX_CHUNK", chunk)
     inputs = scan_inputs(*sizes)
     assert_matches_reference(forward_and_grads(inputs, "reference"), forward_and_grads(_on(inputs, device), "triton"))
 
 
 @pytest.mark.parametrize("direction", [0, 1, 2, 3])
-def test_triton_each_direction_alone(device, direction):
+def test_triton_each_direction_alone(device, direction, monkeypatch):
+    monkeypatch.setattr(triton_scan, "MAX_CHUNK", 4)  # 12 steps: three chunks
     """Only direction k contributes (B projection and skip of the others zeroed): each scan order on its own."""
     inputs = scan_inputs(2, 3, 4, 8, 1, 2)
     rank, state, channels = 1, 2, 8
@@ -76,13 +79,14 @@ def test_triton_rejects_mismatched_layouts(device):
         triton_scan.fused_cross_scan_triton(flat, dt[:, :-1], inputs[3], bc, A, Dskip, 2, 3)
 
 
-def test_model_gradients_match_between_reference_and_triton(device):
+def test_model_gradients_match_between_reference_and_triton(device, monkeypatch):
     """A whole tiny model (four stages, ssm_ratio 2, d_state 2) through the Triton scan: output and every gradient.
 
     Bound: each gradient within 1e-3 of its own largest entry. Measured worst: 3.7e-5, on the stem convolution, whose
     gradient sums the scan's float32 rounding over every position (the CPU kernel gives 2.9e-5 there); a wrong term in
     the scan's backward moves some gradient by more than 1e-2.
     """
+    monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)  # stage 0 (8 x 8): four chunks
     config = OpenUSConfig(embed_dim=4, depths=[1, 1, 1, 1], d_state=2, ssm_ratio=2.0, drop_path_rate=0.0)
     model = OpenUSModel(config).train()
     x = torch.randn(1, 3, 32, 32)

@@ -1,21 +1,28 @@
 """Fused four-direction selective scan in Triton: the CUDA path when mamba-ssm is not installed.
 
 Same operator and layouts as the CPU kernel (:mod:`.cpu_scan`; the recurrence and its backward are written out in
-``openus_hub/csrc/ss2d_scan_cpu.cpp``): one program scans one image and one block of channels through all four
+``openus_hub/csrc/ss2d_scan_cpu.cpp``). One program scans one image and one block of channels through all four
 directions, reading the channel-last input at each direction's scan order and adding its output into the row-major
 result, so neither the cross-scan nor the cross-merge is ever materialised. d_state 1..16 (any, in fact: the state
 block is padded to a power of two), any inner width (ssm_ratio 1 and 2 included).
+
+Each direction is processed in chunks of ``T`` steps. Step ``t`` of the recurrence is the affine map
+``h -> a_t h + b_t`` (``a_t = exp(delta_t A)``, ``b_t = delta_t B_t u_t``); an associative scan of these maps over
+the chunk (composition is associative) gives every state of the chunk at once from the state before it, so a program
+loops over ``L / T`` chunks instead of ``L`` steps.
+
+Backward, per direction: a first pass stores the state before every chunk; a second pass walks the chunks in reverse,
+recomputes their states, and gets ``g_t = dLoss/dh_t`` from a reverse associative scan of
+``g_t = gy_t C_t + a_{t+1} g_{t+1}``; the ``a_t h_{t-1}`` terms of the gradients are ``h_t - b_t``. Sums across
+programs (dLoss/dB, dC over channel blocks; dLoss/dA, dDskip over images) are written as partials and reduced here in
+a fixed order, so results are deterministic (no atomics).
 
 Layouts (float32, contiguous; ``p = h * W + w``, ``K = 4`` directions, ``N = d_state``): ``u (B, L, D)``,
 ``dt (K, B*L, D)`` step sizes before bias and softplus, ``bias (K, D)``, ``bc (B, L, K, 2N)`` (B then C),
 ``A (K, D, N)``, ``Dskip (K, D)``; output ``y (B, L, D)``.
 
-Backward: the program recomputes one direction's states into a scratch buffer (``L`` states per program), then walks
-back through them. Sums across programs (dLoss/dB, dC over channel blocks; dLoss/dA, dDskip over images) are written
-as partials and reduced here in a fixed order, so results are deterministic (no atomics).
-
-On a CPU, Triton's interpreter (``TRITON_INTERPRET=1``) runs the same kernels; the tests use it. Nothing is compiled
-at import: kernels are created on first use (for the interpreter or the GPU, whichever is active then).
+On a CPU, Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported) runs the same kernels; the
+tests use it. Nothing is compiled at import: kernels are created on first use.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ except Exception:
 
 __all__ = ["fused_cross_scan_triton", "interpreting", "triton_available"]
 
-DEFAULT_BLOCK_D = 32  # channels per program
+DEFAULT_BLOCK_D = 32  # channels per program (at most; 16 for d_state > 2)
+MAX_CHUNK = 64  # steps per chunk (at most; fewer where the tile would exceed TILE elements)
+TILE = 2048  # chunk x channels x states elements held per program (forward; half of it in the backward)
 
 
 def triton_available() -> bool:
@@ -45,21 +54,24 @@ def interpreting() -> bool:
 
 
 # --- kernels (plain functions, jitted on first use by _kernels) -------------------------------------------------
+# Step l of direction k (a compile-time constant) visits row-major position p: m = l (k < 2) or L - 1 - l, then
+# p = m (k even) or (m % H) * W + m // H. softplus(x) = max(x, 0) + log(1 + exp(-|x|)), as in the CPU kernel.
 
 
-# The position visited at step l of direction k (0 row-major, 1 column-major, 2 and 3 reversed) is, with k a
-# compile-time constant: m = l (k < 2) or L - 1 - l; p = m (k even) or (m % H) * W + m // H.
-# softplus(x) = max(x, 0) + log(1 + exp(-|x|)), as in the CPU kernel (no overflow for large |x|).
+def _compose(a1, b1, a2, b2):
+    """Affine maps h -> a h + b, the first applied before the second."""
+    return a1 * a2, a2 * b1 + b2
 
 
 def _fwd_kernel(u_ptr, dt_ptr, bias_ptr, bc_ptr, A_ptr, Dskip_ptr, y_ptr,
                 batch, height, width, channels, state,
-                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)
     nblk = (channels + BLOCK_D - 1) // BLOCK_D
     b = (pid // nblk).to(tl.int64)
     offs_d = (pid % nblk) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, CHUNK)
     mask_d, mask_n = offs_d < channels, offs_n < state
     length = height * width
     for k in tl.static_range(4):
@@ -68,89 +80,136 @@ def _fwd_kernel(u_ptr, dt_ptr, bias_ptr, bc_ptr, A_ptr, Dskip_ptr, y_ptr,
                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         bias = tl.load(bias_ptr + k * channels + offs_d, mask=mask_d, other=0.0)
         dskip = tl.load(Dskip_ptr + k * channels + offs_d, mask=mask_d, other=0.0)
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        for step in range(length):
-            m = step if k < 2 else length - 1 - step
-            row = b * length + (m if k % 2 == 0 else (m % height) * width + m // height)  # row of u, y and bc
-            x = tl.load(dt_ptr + (k * batch * length + row) * channels + offs_d, mask=mask_d, other=0.0) + bias
-            delta = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-            uu = tl.load(u_ptr + row * channels + offs_d, mask=mask_d, other=0.0)
-            bvec = tl.load(bc_ptr + (row * 4 + k) * 2 * state + offs_n, mask=mask_n, other=0.0)
-            cvec = tl.load(bc_ptr + (row * 4 + k) * 2 * state + state + offs_n, mask=mask_n, other=0.0)
-            h = tl.exp(delta[:, None] * a) * h + (delta * uu)[:, None] * bvec[None, :]  # h = exp(delta A) h + delta B u
-            out = tl.sum(h * cvec[None, :], axis=1) + dskip * uu  # C h + Dskip u
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # the state before the chunk
+        for start in range(0, length, CHUNK):
+            steps = start + offs_t
+            valid = steps < length
+            m = steps if k < 2 else length - 1 - steps
+            rows = b * length + (m if k % 2 == 0 else (m % height) * width + m // height)  # [T] rows of u, y, bc
+            mask_td = valid[:, None] & mask_d[None, :]
+            mask_tn = valid[:, None] & mask_n[None, :]
+            x = tl.load(dt_ptr + (k * batch * length + rows)[:, None] * channels + offs_d[None, :], mask=mask_td,
+                        other=0.0) + bias[None, :]
+            delta = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))  # [T, BLOCK_D]
+            uu = tl.load(u_ptr + rows[:, None] * channels + offs_d[None, :], mask=mask_td, other=0.0)
+            bc_row = (rows * 4 + k) * 2 * state
+            bvec = tl.load(bc_ptr + bc_row[:, None] + offs_n[None, :], mask=mask_tn, other=0.0)  # [T, BLOCK_N]
+            cvec = tl.load(bc_ptr + bc_row[:, None] + state + offs_n[None, :], mask=mask_tn, other=0.0)
+            # step t maps h to decay_t h + drive_t; steps past the end are identities
+            decay = tl.where(valid[:, None, None], tl.exp(delta[:, :, None] * a[None, :, :]), 1.0)  # [T, D, N]
+            drive = (delta * uu)[:, :, None] * bvec[:, None, :]
+            acc_a, acc_b = tl.associative_scan((decay, drive), 0, _compose)
+            hs = acc_a * h[None, :, :] + acc_b  # h(t) for every step t of the chunk
+            out = tl.sum(hs * cvec[:, None, :], axis=2) + dskip[None, :] * uu  # C h + Dskip u
+            ptrs = y_ptr + rows[:, None] * channels + offs_d[None, :]
             if k > 0:  # directions after the first add into the row-major output
-                out += tl.load(y_ptr + row * channels + offs_d, mask=mask_d, other=0.0)
-            tl.store(y_ptr + row * channels + offs_d, out, mask=mask_d)
+                out += tl.load(ptrs, mask=mask_td, other=0.0)
+            tl.store(ptrs, out, mask=mask_td)
+            h = tl.sum(tl.where((offs_t == CHUNK - 1)[:, None, None], hs, 0.0), axis=0)  # the chunk's last state
         tl.debug_barrier()  # this direction's writes are visible to every thread before the next one reads them
 
 
 def _bwd_kernel(gy_ptr, u_ptr, dt_ptr, bias_ptr, bc_ptr, A_ptr, Dskip_ptr,
-                hs_ptr, gu_ptr, gdt_ptr, gbc_ptr, gA_ptr, gD_ptr,
+                hc_ptr, gu_ptr, gdt_ptr, gbc_ptr, gA_ptr, gD_ptr,
                 batch, height, width, channels, state,
-                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)
     nblk = (channels + BLOCK_D - 1) // BLOCK_D
     b = (pid // nblk).to(tl.int64)
     blk = pid % nblk
     offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, CHUNK)
     mask_d, mask_n = offs_d < channels, offs_n < state
     mask_dn = mask_d[:, None] & mask_n[None, :]
     length = height * width
-    tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]  # offsets of one state tile in the scratch
-    hs = hs_ptr + pid.to(tl.int64) * length * BLOCK_D * BLOCK_N  # this program's (L, BLOCK_D, BLOCK_N) states
+    nchunks = (length + CHUNK - 1) // CHUNK
+    tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]  # offsets of one state in the scratch
+    hc = hc_ptr + pid.to(tl.int64) * nchunks * BLOCK_D * BLOCK_N  # this program's states before each chunk
     for k in tl.static_range(4):
         a = tl.load(A_ptr + (k * channels + offs_d[:, None]) * state + offs_n[None, :], mask=mask_dn, other=0.0)
         bias = tl.load(bias_ptr + k * channels + offs_d, mask=mask_d, other=0.0)
         dskip = tl.load(Dskip_ptr + k * channels + offs_d, mask=mask_d, other=0.0)
-        # forward recurrence, keeping every state: hs[step] = h(step)
+        # pass 1: the state before every chunk
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        for step in range(length):
-            m = step if k < 2 else length - 1 - step
-            row = b * length + (m if k % 2 == 0 else (m % height) * width + m // height)
-            x = tl.load(dt_ptr + (k * batch * length + row) * channels + offs_d, mask=mask_d, other=0.0) + bias
+        for c in range(nchunks):
+            tl.store(hc + c * BLOCK_D * BLOCK_N + tile, h)
+            steps = c * CHUNK + offs_t
+            valid = steps < length
+            m = steps if k < 2 else length - 1 - steps
+            rows = b * length + (m if k % 2 == 0 else (m % height) * width + m // height)
+            mask_td = valid[:, None] & mask_d[None, :]
+            x = tl.load(dt_ptr + (k * batch * length + rows)[:, None] * channels + offs_d[None, :], mask=mask_td,
+                        other=0.0) + bias[None, :]
             delta = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-            uu = tl.load(u_ptr + row * channels + offs_d, mask=mask_d, other=0.0)
-            bvec = tl.load(bc_ptr + (row * 4 + k) * 2 * state + offs_n, mask=mask_n, other=0.0)
-            h = tl.exp(delta[:, None] * a) * h + (delta * uu)[:, None] * bvec[None, :]
-            tl.store(hs + step * BLOCK_D * BLOCK_N + tile, h)
+            uu = tl.load(u_ptr + rows[:, None] * channels + offs_d[None, :], mask=mask_td, other=0.0)
+            bvec = tl.load(bc_ptr + ((rows * 4 + k) * 2 * state)[:, None] + offs_n[None, :],
+                           mask=valid[:, None] & mask_n[None, :], other=0.0)
+            decay = tl.where(valid[:, None, None], tl.exp(delta[:, :, None] * a[None, :, :]), 1.0)
+            drive = (delta * uu)[:, :, None] * bvec[:, None, :]
+            acc_a, acc_b = tl.associative_scan((decay, drive), 0, _compose)
+            h = tl.sum(tl.where((offs_t == CHUNK - 1)[:, None, None], acc_a * h[None, :, :] + acc_b, 0.0), axis=0)
         tl.debug_barrier()
-        # reverse pass (derivation in openus_hub/csrc/ss2d_scan_cpu.cpp); gh carries a(l + 1) g(l + 1) to step l
-        gh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        # pass 2: chunks in reverse; g_next = dLoss/dh at the first step of the chunk after this one
+        g_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         ga = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         gdskip = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for rstep in range(length):
-            step = length - 1 - rstep
-            m = step if k < 2 else length - 1 - step
-            row = b * length + (m if k % 2 == 0 else (m % height) * width + m // height)
-            x = tl.load(dt_ptr + (k * batch * length + row) * channels + offs_d, mask=mask_d, other=0.0) + bias
+        for rc in range(nchunks):
+            c = nchunks - 1 - rc
+            steps = c * CHUNK + offs_t
+            valid = steps < length
+            m = steps if k < 2 else length - 1 - steps
+            rows = b * length + (m if k % 2 == 0 else (m % height) * width + m // height)
+            # the following step (t + 1) of each step: its decay carries dLoss/dh back to step t
+            valid_next = steps + 1 < length
+            m_next = steps + 1 if k < 2 else length - 2 - steps
+            rows_next = b * length + (m_next if k % 2 == 0 else (m_next % height) * width + m_next // height)
+            mask_td = valid[:, None] & mask_d[None, :]
+            mask_tn = valid[:, None] & mask_n[None, :]
+            x = tl.load(dt_ptr + (k * batch * length + rows)[:, None] * channels + offs_d[None, :], mask=mask_td,
+                        other=0.0) + bias[None, :]
             delta = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-            uu = tl.load(u_ptr + row * channels + offs_d, mask=mask_d, other=0.0)
-            gyv = tl.load(gy_ptr + row * channels + offs_d, mask=mask_d, other=0.0)
-            bvec = tl.load(bc_ptr + (row * 4 + k) * 2 * state + offs_n, mask=mask_n, other=0.0)
-            cvec = tl.load(bc_ptr + (row * 4 + k) * 2 * state + state + offs_n, mask=mask_n, other=0.0)
-            h_now = tl.load(hs + step * BLOCK_D * BLOCK_N + tile)
-            h_prev = tl.load(hs + (step - 1) * BLOCK_D * BLOCK_N + tile, mask=(tile >= 0) & (step > 0), other=0.0)
-            decay = tl.exp(delta[:, None] * a)
-            g = gh + gyv[:, None] * cvec[None, :]  # dLoss/dh(l)
-            gdelta = tl.sum(g * (a * decay * h_prev + bvec[None, :] * uu[:, None]), axis=1)
-            ga += g * delta[:, None] * decay * h_prev
-            gdskip += gyv * uu
-            gu = tl.sum(g * bvec[None, :], axis=1) * delta + gyv * dskip
-            gh = g * decay
-            tl.store(gdt_ptr + (k * batch * length + row) * channels + offs_d, gdelta * tl.sigmoid(x), mask=mask_d)
+            x_next = tl.load(dt_ptr + (k * batch * length + rows_next)[:, None] * channels + offs_d[None, :],
+                             mask=valid_next[:, None] & mask_d[None, :], other=0.0) + bias[None, :]
+            delta_next = tl.maximum(x_next, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x_next)))
+            uu = tl.load(u_ptr + rows[:, None] * channels + offs_d[None, :], mask=mask_td, other=0.0)
+            gyv = tl.load(gy_ptr + rows[:, None] * channels + offs_d[None, :], mask=mask_td, other=0.0)
+            bc_row = (rows * 4 + k) * 2 * state
+            bvec = tl.load(bc_ptr + bc_row[:, None] + offs_n[None, :], mask=mask_tn, other=0.0)
+            cvec = tl.load(bc_ptr + bc_row[:, None] + state + offs_n[None, :], mask=mask_tn, other=0.0)
+            # recompute the chunk's states from the stored state before it
+            decay = tl.where(valid[:, None, None], tl.exp(delta[:, :, None] * a[None, :, :]), 1.0)
+            drive = (delta * uu)[:, :, None] * bvec[:, None, :]
+            acc_a, acc_b = tl.associative_scan((decay, drive), 0, _compose)
+            hs = acc_a * tl.load(hc + c * BLOCK_D * BLOCK_N + tile)[None, :, :] + acc_b  # h(t)
+            ah_prev = hs - drive  # a(t) h(t - 1)
+            # g(t) = gy(t) C(t) + a(t + 1) g(t + 1): a reverse scan of the maps g -> a(t + 1) g + gy(t) C(t)
+            decay_next = tl.where(valid_next[:, None, None], tl.exp(delta_next[:, :, None] * a[None, :, :]), 0.0)
+            emit = gyv[:, :, None] * cvec[:, None, :]
+            rev_a, rev_b = tl.associative_scan((decay_next, emit), 0, _compose, reverse=True)
+            g = rev_a * g_next[None, :, :] + rev_b  # [T, BLOCK_D, BLOCK_N]
+            g_next = tl.sum(tl.where((offs_t == 0)[:, None, None], g, 0.0), axis=0)
+            gdelta = tl.sum(g * (a[None, :, :] * ah_prev + bvec[:, None, :] * uu[:, :, None]), axis=2)
+            ga += tl.sum(g * delta[:, :, None] * ah_prev, axis=0)
+            gdskip += tl.sum(gyv * uu, axis=0)
+            gu = tl.sum(g * bvec[:, None, :], axis=2) * delta + gyv * dskip[None, :]
+            tl.store(gdt_ptr + (k * batch * length + rows)[:, None] * channels + offs_d[None, :],
+                     gdelta * tl.sigmoid(x), mask=mask_td)  # softplus' = sigmoid
+            gu_ptrs = gu_ptr + rows[:, None] * channels + offs_d[None, :]
             if k > 0:  # dLoss/du sums the four directions
-                gu += tl.load(gu_ptr + row * channels + offs_d, mask=mask_d, other=0.0)
-            tl.store(gu_ptr + row * channels + offs_d, gu, mask=mask_d)
+                gu += tl.load(gu_ptrs, mask=mask_td, other=0.0)
+            tl.store(gu_ptrs, gu, mask=mask_td)
             # this channel block's share of dLoss/dB and dLoss/dC (summed over blocks by the caller)
-            part = gbc_ptr + ((blk * batch * length + row) * 4 + k) * 2 * state
-            tl.store(part + offs_n, tl.sum(g * (delta * uu)[:, None], axis=0), mask=mask_n)
-            tl.store(part + state + offs_n, tl.sum(gyv[:, None] * h_now, axis=0), mask=mask_n)
+            part = gbc_ptr + ((blk * batch * length + rows) * 4 + k) * 2 * state
+            tl.store(part[:, None] + offs_n[None, :], tl.sum(g * (delta * uu)[:, :, None], axis=1), mask=mask_tn)
+            tl.store(part[:, None] + state + offs_n[None, :], tl.sum(gyv[:, :, None] * hs, axis=1), mask=mask_tn)
         tl.store(gA_ptr + ((b * 4 + k) * channels + offs_d[:, None]) * state + offs_n[None, :], ga, mask=mask_dn)
         tl.store(gD_ptr + (b * 4 + k) * channels + offs_d, gdskip, mask=mask_d)
         tl.debug_barrier()
 
+
+if triton is not None:  # the combine function is called from inside the kernels, so it is a jit function itself
+    _compose = triton.jit(_compose)
 
 _KERNELS: dict[bool, tuple] = {}
 
@@ -166,46 +225,50 @@ def _kernels():
     return _KERNELS[mode]
 
 
-def _launch_config(channels: int, state: int, block_d: int | None) -> tuple[int, int, int]:
-    block_d = block_d or min(DEFAULT_BLOCK_D, triton.next_power_of_2(channels))
+def _launch_config(channels: int, state: int, length: int, backward: bool) -> tuple[int, int, int, int]:
+    """(channels per program, padded states, steps per chunk, warps)."""
     block_n = triton.next_power_of_2(state)
-    num_warps = 1 if block_d * block_n <= 256 else 4
-    return block_d, block_n, num_warps
+    block_d = min(DEFAULT_BLOCK_D if block_n <= 2 else min(DEFAULT_BLOCK_D, 16), triton.next_power_of_2(channels))
+    tile = TILE // 2 if backward else TILE
+    chunk = max(2, min(MAX_CHUNK, tile // (block_d * block_n), triton.next_power_of_2(length)))  # a power of two
+    return block_d, block_n, chunk, 4
 
 
 class _FusedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, dt, bias, bc, A, Dskip, height, width, block_d):
+    def forward(ctx, u, dt, bias, bc, A, Dskip, height, width):
         batch, length, channels = u.shape
         state = A.shape[-1]
-        block_d, block_n, num_warps = _launch_config(channels, state, block_d)
+        block_d, block_n, chunk, num_warps = _launch_config(channels, state, length, backward=False)
         grid = (batch * triton.cdiv(channels, block_d),)
         y = torch.empty_like(u)
         fwd, _ = _kernels()
         fwd[grid](u, dt, bias, bc, A, Dskip, y, batch, height, width, channels, state,
-                  BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps)
+                  BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, num_warps=num_warps)
         ctx.save_for_backward(u, dt, bias, bc, A, Dskip)
-        ctx.config = (height, width, block_d)
+        ctx.hw = (height, width)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         u, dt, bias, bc, A, Dskip = ctx.saved_tensors
-        height, width, block_d = ctx.config
+        height, width = ctx.hw
         batch, length, channels = u.shape
         state = A.shape[-1]
-        block_d, block_n, num_warps = _launch_config(channels, state, block_d)
+        block_d, block_n, chunk, num_warps = _launch_config(channels, state, length, backward=True)
         nblk = triton.cdiv(channels, block_d)
         grid = (batch * nblk,)
-        hs = torch.empty((batch * nblk, length, block_d, block_n), device=u.device, dtype=torch.float32)
+        hc = torch.empty((batch * nblk, triton.cdiv(length, chunk), block_d, block_n), device=u.device,
+                         dtype=torch.float32)
         gu, gdt = torch.empty_like(u), torch.empty_like(dt)
         gbc = torch.empty((nblk,) + tuple(bc.shape), device=u.device, dtype=torch.float32)
         gA = torch.empty((batch,) + tuple(A.shape), device=u.device, dtype=torch.float32)
         gD = torch.empty((batch,) + tuple(Dskip.shape), device=u.device, dtype=torch.float32)
         _, bwd = _kernels()
-        bwd[grid](gy.float().contiguous(), u, dt, bias, bc, A, Dskip, hs, gu, gdt, gbc, gA, gD,
-                  batch, height, width, channels, state, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps)
-        return gu, gdt, gdt.sum(1), gbc.sum(0), gA.sum(0), gD.sum(0), None, None, None
+        bwd[grid](gy.float().contiguous(), u, dt, bias, bc, A, Dskip, hc, gu, gdt, gbc, gA, gD,
+                  batch, height, width, channels, state, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
+                  num_warps=num_warps)
+        return gu, gdt, gdt.sum(1), gbc.sum(0), gA.sum(0), gD.sum(0), None, None
 
 
 def fused_cross_scan_triton(
@@ -217,13 +280,8 @@ def fused_cross_scan_triton(
     Dskip: torch.Tensor,
     height: int,
     width: int,
-    block_d: int | None = None,
 ) -> torch.Tensor:
-    """Four-direction selective scan summed over directions; layouts in the module docstring. Differentiable.
-
-    ``block_d`` (channels per program, a power of two) defaults to 32; the tests use smaller blocks to cover
-    several blocks and a partial one on tiny shapes.
-    """
+    """Four-direction selective scan summed over directions; layouts in the module docstring. Differentiable."""
     if triton is None:
         raise RuntimeError("the Triton scan needs the `triton` package (it comes with CUDA builds of torch)")
     batch, length, channels = u.shape
@@ -236,4 +294,4 @@ def fused_cross_scan_triton(
     if length != height * width:
         raise ValueError(f"Triton scan: u has L = {length} positions, not height * width = {height} * {width}")
     tensors = [t.float().contiguous() for t in (u, dt, bias, bc, A, Dskip)]
-    return _FusedScan.apply(*tensors, height, width, block_d)
+    return _FusedScan.apply(*tensors, height, width)
