@@ -6,6 +6,10 @@ kernel; measured under the interpreter: at most 4e-7 forward and 5e-7 for gradie
 Shapes are tiny because the interpreter runs every program, and every element of a scan, in Python.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -105,6 +109,39 @@ def test_model_gradients_match_between_reference_and_triton(device, monkeypatch)
     name = max(worst, key=worst.get)
     print(f"worst parameter gradient difference: {worst[name]:.2e} of its max ({name})")
     assert worst[name] <= 1e-3, f"gradient of {name} differs by {worst[name]:.2e} of its max"
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_a_gpu():
+    """Without a GPU the interpreter checks the arithmetic; this checks that Triton's compiler accepts the kernels:
+    forward and backward compiled to an sm_90 binary (ptxas ships with triton), d_state 1 and 16, no GPU needed."""
+    if not triton_scan.triton_available():
+        skip_or_fail("triton is not installed (it is in the [test] extra and comes with CUDA builds of torch)")
+    code = textwrap.dedent(
+        """
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from openus_hub.ops import triton_scan as ts
+        fwd, bwd = ts._kernels()
+        for state, channels in ((1, 192), (16, 64)):
+            for kernel, pointers, backward in ((fwd, 7, False), (bwd, 13, True)):
+                block_d, block_n, chunk, warps = ts._launch_config(channels, state, 3136, backward)
+                names = kernel.arg_names
+                signature = {n: "*fp32" for n in names[:pointers]}
+                signature.update({n: "i32" for n in names[pointers:pointers + 5]})
+                constants = {"BLOCK_D": block_d, "BLOCK_N": block_n, "CHUNK": chunk}
+                signature.update({n: "constexpr" for n in constants})
+                compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": warps})
+                assert "cubin" in compiled.asm, compiled.asm.keys()
+                print("COMPILED", kernel.__name__, state, block_d, block_n, chunk)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("COMPILED") == 4
 
 
 @pytest.mark.gpu
