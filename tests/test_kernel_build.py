@@ -151,6 +151,8 @@ def test_compile_error_is_recorded_and_not_retried(compiler, tmp_path, monkeypat
     monkeypatch.setattr(build, "_compile", no_compile)
     with pytest.raises(build.KernelUnavailable, match="failed to compile"):
         build._locate(allow_build=True)
+    with pytest.raises(AssertionError, match="compiled again"):  # the build command retries
+        build._locate(allow_build=True, retry_failed=True)
 
 
 def test_without_a_compiler_a_prebuilt_kernel_is_used(compiler, tmp_path, monkeypatch):

@@ -259,8 +259,12 @@ def _find_prebuilt(cache: Path, source_sha: str) -> Path | None:
     return max(candidates)[2] / LIBRARY_FILE if candidates else None
 
 
-def _locate(allow_build: bool) -> tuple[Path, bool]:
-    """Path of a usable library (building it if needed and allowed) and whether this call built it."""
+def _locate(allow_build: bool, retry_failed: bool = False) -> tuple[Path, bool]:
+    """Path of a usable library (building it if needed and allowed) and whether this call built it.
+
+    A recorded compile failure is returned as an error at once, unless ``retry_failed`` (the build command) asks to
+    compile again.
+    """
     source_sha, source = source_sha256(), _source_bytes()
     if source_sha is None:
         raise KernelUnavailable(f"the kernel source {_source_path()} is missing from this installation")
@@ -274,7 +278,7 @@ def _locate(allow_build: bool) -> tuple[Path, bool]:
             if (entry / LIBRARY_FILE).is_file():
                 return entry / LIBRARY_FILE, False
             failed = cache / f"{entry.name}.failed"
-            if failed.is_file():
+            if failed.is_file() and not (retry_failed and allow_build and source is not None):
                 errors.append(f"{variant}: " + failed.read_text(encoding="utf-8", errors="replace").strip()[-300:])
                 continue
             if source is None or not allow_build:
@@ -292,6 +296,7 @@ def _locate(allow_build: bool) -> tuple[Path, bool]:
                 logger.info("compiling the OpenUS CPU scan kernel (%s, once per machine) into %s", variant, entry)
                 try:
                     _compile(cache, entry, material, source, compiler, flags)
+                    failed.unlink(missing_ok=True)  # a retry that worked
                     return entry / LIBRARY_FILE, True
                 except _CompileError as err:
                     failed.write_text(f"{compiler[1]}: {err}\n", encoding="utf-8")
@@ -302,7 +307,8 @@ def _locate(allow_build: bool) -> tuple[Path, bool]:
                                             "writable folder") from err
         if errors:
             raise KernelUnavailable("the CPU scan kernel failed to compile (" + " | ".join(errors) + "). Fix: set CXX "
-                                    f"to another C++ compiler and run {PREBUILD}, and please report the error")
+                                    f"to another C++ compiler and run {PREBUILD} (it retries), and please report the "
+                                    "error")
     prebuilt = _find_prebuilt(cache, source_sha) if cache.is_dir() else None
     if prebuilt is not None:
         return prebuilt, False
@@ -320,12 +326,15 @@ _lock = threading.Lock()
 _library: Library | None = None
 
 
-def load_library(allow_build: bool = True) -> Library:
-    """Load the kernel library, building it first if this machine has none. Raises :class:`KernelUnavailable`."""
+def load_library(allow_build: bool = True, retry_failed: bool = False) -> Library:
+    """Load the kernel library, building it first if this machine has none. Raises :class:`KernelUnavailable`.
+
+    ``retry_failed`` compiles again where an earlier compile failed (the failure is otherwise remembered).
+    """
     global _library
     with _lock:
         if _library is None:
-            path, built = _locate(allow_build)
+            path, built = _locate(allow_build, retry_failed)
             try:
                 handle = ctypes.CDLL(str(path))
                 abi = handle.openus_ss2d_abi_version()
@@ -370,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        lib = load_library()
+        lib = load_library(retry_failed=True)
     except KernelUnavailable as err:
         print(f"error: {err}. Without the kernel, openus_hub uses the slower PyTorch scan.", file=sys.stderr)
         return 1
