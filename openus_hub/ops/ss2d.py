@@ -96,9 +96,11 @@ def _triton_problem(device: torch.device) -> str | None:
 
 
 def _mamba_ssm_problem(device: torch.device) -> str | None:
-    if device.type != "cuda" or not mamba_ssm_available():
-        return ("it needs CUDA tensors and `pip install 'openus_hub[cuda]' --no-build-isolation` (mamba-ssm)"
-                + ("" if mamba_ssm_available() else "; mamba-ssm is not importable here"))
+    install = "`pip install 'openus_hub[cuda]' --no-build-isolation` (mamba-ssm)"
+    if device.type != "cuda":
+        return f"it needs CUDA tensors and {install}"
+    if not mamba_ssm_available():
+        return f"mamba-ssm is not installed: {install}"
     return None
 
 
