@@ -83,15 +83,16 @@ def test_triton_rejects_mismatched_layouts(device):
         triton_scan.fused_cross_scan_triton(flat, dt[:, :-1], inputs[3], bc, A, Dskip, 2, 3)
 
 
-def test_model_gradients_match_between_reference_and_triton(device, monkeypatch):
-    """A whole tiny model (four stages, ssm_ratio 2, d_state 2) through the Triton scan: output and every gradient.
+@pytest.mark.parametrize("ssm_ratio,d_state", [(2.0, 2), (1.0, 1)], ids=["ratio2-state2", "ratio1-state1"])
+def test_model_gradients_match_between_reference_and_triton(device, monkeypatch, ssm_ratio, d_state):
+    """A whole tiny model (four stages) through the Triton scan: output and every gradient.
 
     Bound: each gradient within 1e-3 of its own largest entry. Measured worst: 3.7e-5, on the stem convolution, whose
     gradient sums the scan's float32 rounding over every position (the CPU kernel gives 2.9e-5 there); a wrong term in
     the scan's backward moves some gradient by more than 1e-2.
     """
     monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)  # stage 0 (8 x 8): four chunks
-    config = OpenUSConfig(embed_dim=4, depths=[1, 1, 1, 1], d_state=2, ssm_ratio=2.0, drop_path_rate=0.0)
+    config = OpenUSConfig(embed_dim=4, depths=[1, 1, 1, 1], d_state=d_state, ssm_ratio=ssm_ratio, drop_path_rate=0.0)
     model = OpenUSModel(config).train()
     x = torch.randn(1, 3, 32, 32)
     results = {}
