@@ -125,7 +125,11 @@ def plant_disc(image: np.ndarray, scan: np.ndarray, kind: int, rng: np.random.Ge
         raise RuntimeError("no room for a disc inside the scan region")
     edge = np.clip(radius - np.hypot(yy - cy, xx - cx), 0, 1.5) / 1.5  # 1.5 px soft edge
     speckle = rng.rayleigh(1.0, size=image.shape) / math.sqrt(math.pi / 2)  # mean 1, as fully developed speckle
-    level = 215.0 * speckle if CLASSES[kind] == "hyperechoic" else 6.0 * speckle
+    if CLASSES[kind] == "hyperechoic":
+        level = 215.0 * speckle
+    else:  # a cyst: anechoic inside a bright (echogenic) wall 2.5 px thick
+        wall = np.hypot(yy - cy, xx - cx) >= radius - 2.5
+        level = np.where(wall, 215.0, 6.0) * speckle
     return np.clip(image * (1 - edge) + level * edge, 0, 255)
 
 

@@ -41,9 +41,12 @@ from ..common.progress import finish, redirect_logging
 from ..common.run_info import git_sha, run_metadata
 from ..data.ultrabench import SPLITS, TaskData, UltraBenchDataset, UltraBenchError, find_tasks, load_task, \
     subsample_records
-from . import models as M
-from . import protocols as P
-from . import report as R
+from .models import (ModelError, ModelSource, PooledFeatures, build_segmenter, cpu_threads, describe_source, device_of,
+                     normalisation, resolve_model)
+from .protocols import (CLASSIFICATION_PROTOCOLS, PROTOCOLS, SEGMENTATION_PROTOCOLS, classification_baselines,
+                        extract_features, knn_probe, linear_probe, segmentation_baselines, train_segmentation)
+from .report import (PROTOCOL_NAMES, describe_name, markdown_tables, render_card_section, seg_image_dice, summarise_runs,
+                     update_card, write_json)
 
 logger = logging.getLogger("training.benchmark")
 FORMAT = "openus_hub.benchmark/1"
@@ -78,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["all"], help="all (every UltraBench task found), debug (the CI "
                    "mini-suite) or task names, e.g. aul_mass_classification camus_segmentation")
     p.add_argument("--protocol", nargs="+", default=["linear", "knn", "seg-frozen"],
-                   choices=list(P.PROTOCOLS) + ["all"], help="default: linear knn seg-frozen; all = the four")
+                   choices=list(PROTOCOLS) + ["all"], help="default: linear knn seg-frozen; all = the four")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per task and protocol (mean ± std; default 3)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="seeded per-class share of the training "
                    "labels (default 1.0)")
@@ -124,7 +127,7 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool) -> None:
                     target.unlink()
     elif entries and not overwrite:
         raise BenchmarkError(f"--output-dir {out} is not empty and has no benchmark.json; use an empty folder")
-    R.write_json(mine, manifest)
+    write_json(mine, manifest)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,9 +135,9 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool) -> None:
 
 
 class TaskRunner:
-    def __init__(self, args, cfg: dict, source: M.ModelSource, out: Path, device: torch.device, key: str):
+    def __init__(self, args, cfg: dict, source: ModelSource, out: Path, device: torch.device, key: str):
         self.args, self.cfg, self.source, self.out, self.device, self.key = args, cfg, source, out, device, key
-        self.mean, self.std = M.normalisation(source)
+        self.mean, self.std = normalisation(source)
         self.seeds = list(range(args.seeds))
         self.progress = bool(cfg["progress_bar"])
         self._pooled = None
@@ -176,10 +179,10 @@ class TaskRunner:
                 logger.info("  features: cached (%s)", path.name)
                 return {s: (t[f"{s}.features"], t[f"{s}.labels"]) for s in SPLITS}
         if self._pooled is None:
-            self._pooled = M.PooledFeatures(self.source).to(self.device)
+            self._pooled = PooledFeatures(self.source).to(self.device)
         tensors = {}
         for split in SPLITS:
-            x, y = P.extract_features(self._pooled, self.dataset(data, split), self.cfg["batch_size"],
+            x, y = extract_features(self._pooled, self.dataset(data, split), self.cfg["batch_size"],
                                       self.cfg["num_workers"], self.device, f"  features {split}", self.progress)
             tensors[f"{split}.features"], tensors[f"{split}.labels"] = x.contiguous(), y.contiguous()
         atomic_write(path, lambda f: f.write(save(tensors, metadata={"fingerprint": fingerprint})))
@@ -190,7 +193,7 @@ class TaskRunner:
         feat_fp = _digest([self.key, data_key, "features"])
         feats = self.features(data, feat_fp)
         train_labels = feats["train"][1].numpy()
-        out = {"baselines": P.classification_baselines(train_labels, feats["test"][1].numpy(), spec.num_classes),
+        out = {"baselines": classification_baselines(train_labels, feats["test"][1].numpy(), spec.num_classes),
                "runs": {}}
         for protocol in protocols:
             pcfg = self.cfg["linear" if protocol == "linear" else "knn"]
@@ -210,11 +213,11 @@ class TaskRunner:
                     chosen = {id(r) for r in subsample_records(recs, self.args.label_fraction, seed, True)}
                     idx = [j for j, r in enumerate(recs) if id(r) in chosen]
                     subset = {**feats, "train": (feats["train"][0][idx], feats["train"][1][idx])}
-                fn = P.linear_probe if protocol == "linear" else P.knn_probe
+                fn = linear_probe if protocol == "linear" else knn_probe
                 result = fn(subset, spec, pcfg, seed)
                 result.update(fingerprint=fp, task=spec.name, protocol=protocol, seed=seed,
                               seconds=round(time.time() - t0, 2))
-                R.write_json(path, result)
+                write_json(path, result)
                 t = result["test"]
                 logger.info("  %s seed %d: Acc %.3f, F1 %.3f, AUROC %.3f, AP %.3f", protocol, seed, t["accuracy"],
                             t["macro_f1"], t["auroc"], t["average_precision"])
@@ -230,18 +233,18 @@ class TaskRunner:
         if not first:
             return
         confusion_matrices_figure(
-            self.out / "figures" / f"{data.spec.name}.png", {R.PROTOCOL_NAMES[p]: np.asarray(m) for p, m in
+            self.out / "figures" / f"{data.spec.name}.png", {PROTOCOL_NAMES[p]: np.asarray(m) for p, m in
                                                              first.items()},
             list(data.spec.classes),
             title=f"{data.spec.title}: test split confusion matrices (seed {min(self.seeds)}), "
-                  f"model {R.describe_name(self.source)}")
+                  f"model {describe_name(self.source)}")
 
     # -- segmentation --------------------------------------------------------------------------------------------
 
     def segmentation(self, data: TaskData, protocols: list[str], data_key: str) -> dict:
         spec, cfg = data.spec, {**self.cfg["seg"], "num_workers": self.cfg["num_workers"]}
         test_ds = self.dataset(data, "test")
-        out = {"baselines": P.segmentation_baselines(test_ds, spec, self.dataset(data, "train")), "runs": {}}
+        out = {"baselines": segmentation_baselines(test_ds, spec, self.dataset(data, "train")), "runs": {}}
         n_fig = min(int(self.cfg["figures"]["images"]), len(test_ds))
         for protocol in protocols:
             runs = {}
@@ -255,9 +258,9 @@ class TaskRunner:
                     runs[seed] = done
                     continue
                 train = subsample_records(data.splits["train"], self.args.label_fraction, seed, False)
-                segmenter = M.build_segmenter(self.source, list(spec.classes), protocol == "seg-frozen",
+                segmenter = build_segmenter(self.source, list(spec.classes), protocol == "seg-frozen",
                                               cfg["head_width"])
-                result = P.train_segmentation(
+                result = train_segmentation(
                     segmenter, self.dataset(data, "train", train, train=True, seed=seed),
                     self.dataset(data, "validation"), test_ds, spec, cfg, seed, self.device,
                     f"  {protocol} seed {seed}", n_fig if seed == self.seeds[0] else 0, self.progress)
@@ -267,7 +270,7 @@ class TaskRunner:
                     np.savez_compressed(buf, predictions=np.stack(preds))
                     atomic_write(path.with_suffix(".npz"), lambda f: f.write(buf.getvalue()))
                 result.update(fingerprint=fp, task=spec.name, protocol=protocol, seed=seed)
-                R.write_json(path, result)
+                write_json(path, result)
                 t = result["test"]
                 logger.info("  %s seed %d: Dice %.3f, IoU %.3f (best validation epoch %d, %d steps, %.0f s)",
                             protocol, seed, t["dice"], t["iou"], result["selected"]["epoch"], result["steps"],
@@ -294,13 +297,13 @@ class TaskRunner:
             images.append(image * scan[..., None] if self.cfg["apply_scan_mask"] else image)
             targets.append(test_ds[i]["labels"].numpy())
         targets = np.stack(targets)
-        shown = {R.PROTOCOL_NAMES[p]: (v, R.seg_image_dice(list(v), targets, data.spec.num_classes))
+        shown = {PROTOCOL_NAMES[p]: (v, seg_image_dice(list(v), targets, data.spec.num_classes))
                  for p, v in preds.items()}
         segmentation_comparison_figure(
             self.out / "figures" / f"{data.spec.name}.png", np.stack(images).clip(0, 1), targets, shown,
             class_names=list(data.spec.classes),
             title=f"{data.spec.title}: first {n} test images, seed {self.seeds[0]}, model "
-                  f"{R.describe_name(self.source)}; Dice over the foreground classes of each image")
+                  f"{describe_name(self.source)}; Dice over the foreground classes of each image")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -346,13 +349,13 @@ def run(args: argparse.Namespace) -> dict:
             raise ConfigError(str(err)) from None
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
-    protocols = list(P.PROTOCOLS) if "all" in args.protocol else list(dict.fromkeys(args.protocol))
-    M.cpu_threads(cfg["num_threads"])
-    source = M.resolve_model(args.model, args.weights)
+    protocols = list(PROTOCOLS) if "all" in args.protocol else list(dict.fromkeys(args.protocol))
+    cpu_threads(cfg["num_threads"])
     tasks = find_tasks(args.data_root, args.tasks)
-    device = M.device_of(args.device)
+    source = resolve_model(args.model, args.weights)
+    device = device_of(args.device)
     out = Path(args.output_dir)
-    model_info = M.describe_source(source)
+    model_info = describe_source(source)
     settings = {**cfg, "label_fraction": args.label_fraction, "seeds": args.seeds}
     key = _digest([model_info, {k: v for k, v in settings.items() if k not in ("num_workers", "num_threads",
                                                                                  "progress_bar", "seeds")}])
@@ -363,8 +366,8 @@ def run(args: argparse.Namespace) -> dict:
                "debug": all(t.debug for t in tasks), "git_sha": git_sha(), **run_metadata(1)}
     for i, spec in enumerate(tasks, 1):
         data = load_task(args.data_root, spec)
-        wanted = [p for p in protocols if p in (P.CLASSIFICATION_PROTOCOLS if spec.kind == "classification"
-                                                 else P.SEGMENTATION_PROTOCOLS)]
+        wanted = [p for p in protocols if p in (CLASSIFICATION_PROTOCOLS if spec.kind == "classification"
+                                                 else SEGMENTATION_PROTOCOLS)]
         n = data.describe()["num_records"]
         logger.info("task %d/%d %s (%s, %s train / %s validation / %s test): %s", i, len(tasks), spec.name,
                     spec.kind, n["train"], n["validation"], n["test"], ", ".join(wanted) or "no protocol for it")
@@ -374,19 +377,19 @@ def run(args: argparse.Namespace) -> dict:
             done = (runner.classification if spec.kind == "classification" else runner.segmentation)(
                 data, wanted, data_key)
             entry["baselines"] = done["baselines"]
-            entry["protocols"] = {p: R.summarise_runs(spec.kind, r) for p, r in done["runs"].items()}
+            entry["protocols"] = {p: summarise_runs(spec.kind, r) for p, r in done["runs"].items()}
             fig = out / "figures" / f"{spec.name}.png"
             entry["figure"] = fig.relative_to(out).as_posix() if fig.is_file() else None
         results["tasks"][spec.name] = entry
     results["seconds"] = round(time.time() - t0, 1)
-    R.write_json(out / "results.json", results)
-    table = R.markdown_tables(results)
+    write_json(out / "results.json", results)
+    table = markdown_tables(results)
     atomic_write_text(out / "results.md", table + "\n")
-    atomic_write_text(out / "card_section.md", R.render_card_section(results) + "\n")
+    atomic_write_text(out / "card_section.md", render_card_section(results) + "\n")
     wrote = [str(out / "results.json"), str(out / "results.md"), str(out / "figures"), str(out / "card_section.md")]
     next_steps = []
     if args.card:
-        wrote.append(str(R.update_card(args.card, results, model_info["name"])))
+        wrote.append(str(update_card(args.card, results, model_info["name"])))
         next_steps.append(f"openus-hub push {Path(args.card).parent if args.card.endswith('.md') else args.card} "
                           "--repo-id ORG/NAME --dry-run")
     elif Path(args.model).is_dir():
@@ -402,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with redirect_logging():
             run(args)
-    except (ConfigError, UltraBenchError, M.ModelError, BenchmarkError) as err:
+    except (ConfigError, UltraBenchError, ModelError, BenchmarkError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -281,17 +281,18 @@ def build_segmenter(source: ModelSource, classes: list[str], frozen: bool, head_
         channels = backbone.feature_info.channels()
     else:
         from transformers import AutoConfig
-
-        from openus_hub import AutoBackbone
+        from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 
         config = AutoConfig.from_pretrained(source.path)
         stages = [n for n in getattr(config, "stage_names", []) if n != "stem"]
-        if not stages:
+        # AutoBackbone's class for this config, called directly (AutoBackbone itself asks the Hub about local paths)
+        backbone_cls = MODEL_FOR_BACKBONE_MAPPING.get(type(config))
+        if not stages or backbone_cls is None:
             raise ModelError(f"--model {source.spec}: {config.model_type} has no transformers backbone "
                              "(AutoBackbone); the segmentation protocols need stage feature maps")
         try:
             with _quiet_transformers():  # stage norms a backbone adds to a base-model folder are newly initialised
-                backbone = AutoBackbone.from_pretrained(source.path, out_indices=_stage_subset(len(stages)))
+                backbone = backbone_cls.from_pretrained(source.path, out_indices=_stage_subset(len(stages)))
         except ValueError as err:
             raise ModelError(f"--model {source.spec}: AutoBackbone cannot load it ({str(err).splitlines()[0]})") \
                 from None
