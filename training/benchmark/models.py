@@ -286,7 +286,7 @@ def build_segmenter(source: ModelSource, classes: list[str], frozen: bool, head_
         config = AutoConfig.from_pretrained(source.path)
         stages = [n for n in getattr(config, "stage_names", []) if n != "stem"]
         # AutoBackbone's class for this config, called directly (AutoBackbone itself asks the Hub about local paths)
-        backbone_cls = MODEL_FOR_BACKBONE_MAPPING.get(type(config))
+        backbone_cls = MODEL_FOR_BACKBONE_MAPPING.get(type(config), None)
         if not stages or backbone_cls is None:
             raise ModelError(f"--model {source.spec}: {config.model_type} has no transformers backbone "
                              "(AutoBackbone); the segmentation protocols need stage feature maps")
