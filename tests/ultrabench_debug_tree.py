@@ -11,11 +11,11 @@ the probe imaged (UltraBench writes its scan masks as uint8 0/1, e.g. ``ultraben
 Two dataset folders (UltraBench names them ``<dataset>_v<version>``; one task each, as ``aul_liver_v*`` and
 ``aul_mass_v*`` are two folders made from one source):
 
-* ``debug_lesion_v1.0.1``, task ``debug_lesion_classification`` (``label`` / ``pathology``): a disc planted inside the scan region of every image, at a
-  random place and size: ``0 = hyperechoic`` (a bright, speckled disc) or ``1 = anechoic`` (a dark disc), or no disc
-  at all, ``2 = none``. Learnable from the pixels wherever the disc lands, so pooled features can carry it.
-* ``debug_tissue_v1.0.1``, task ``debug_tissue_segmentation`` (``tissue_mask``), the echo frames only: the bright tissue of the echo frame (myocardium, septum, valves): the
-  frame blurred (Gaussian, radius 2 px) and thresholded at the 80th percentile of its scan region, opened with a
+* ``debug_lesion_v1.0.1``, task ``debug_lesion_classification`` (``label`` / ``pathology``): a disc planted inside
+  the scan region of every image, at a random place and size: ``0 = hyperechoic`` (a bright, speckled disc) or
+  ``1 = anechoic`` (a cyst: a dark disc in a bright wall), or no disc at all, ``2 = none``. Learnable from the pixels wherever the disc lands, so pooled features can carry it.
+* ``debug_tissue_v1.0.1``, task ``debug_tissue_segmentation`` (``tissue_mask``), the echo frames only: the bright
+  tissue of the echo frame (myocardium, septum, valves): the frame blurred (Gaussian, radius 2 px) and thresholded at the 80th percentile of its scan region, opened with a
   3x3 minimum/maximum filter, inside the scan region only. About a fifth of the fan, so neither an empty mask nor
   the whole fan scores well.
 
@@ -207,12 +207,13 @@ def write_debug_tree(root: str | Path, seed: int = 0) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("output_dir", help="where debug_lesion_v1.0.1/ and debug_tissue_v1.0.1/ are written (the benchmark's --data-root)")
+    p.add_argument("output_dir", help="where debug_lesion_v1.0.1/ and debug_tissue_v1.0.1/ are written (the "
+                   "benchmark's --data-root)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     folders = write_debug_tree(args.output_dir, args.seed)
-    print(f"wrote {', '.join(str(f) for f in folders.values())}\nnext: python -m training.benchmark --model MODEL --data-root {args.output_dir} "
-          f"--tasks debug --output-dir OUT")
+    print(f"wrote {', '.join(str(f) for f in folders.values())}\nnext: python -m training.benchmark --model MODEL "
+          f"--data-root {args.output_dir} --tasks debug --output-dir OUT")
     return 0
 
 

@@ -45,8 +45,8 @@ from .models import (ModelError, ModelSource, PooledFeatures, build_segmenter, c
                      normalisation, resolve_model)
 from .protocols import (CLASSIFICATION_PROTOCOLS, PROTOCOLS, SEGMENTATION_PROTOCOLS, classification_baselines,
                         extract_features, knn_probe, linear_probe, segmentation_baselines, train_segmentation)
-from .report import (PROTOCOL_NAMES, describe_name, markdown_tables, render_card_section, seg_image_dice, summarise_runs,
-                     update_card, write_json)
+from .report import (PROTOCOL_NAMES, describe_name, markdown_tables, render_card_section, seg_image_dice,
+                     summarise_runs, update_card, write_json)
 
 logger = logging.getLogger("training.benchmark")
 FORMAT = "openus_hub.benchmark/1"
