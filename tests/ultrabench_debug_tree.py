@@ -13,10 +13,11 @@ Two dataset folders (UltraBench names them ``<dataset>_v<version>``; one task ea
 
 * ``debug_lesion_v1.0.1``, task ``debug_lesion_classification`` (``label`` / ``pathology``): a disc planted inside
   the scan region of every image, at a random place and size: ``0 = hyperechoic`` (a bright, speckled disc) or
-  ``1 = anechoic`` (a cyst: a dark disc in a bright wall), or no disc at all, ``2 = none``. Learnable from the pixels wherever the disc lands, so pooled features can carry it.
+  ``1 = anechoic`` (a cyst: a dark disc in a bright wall), or no disc at all, ``2 = none``. Learnable from the
+  pixels wherever the disc lands, so pooled features can carry it.
 * ``debug_tissue_v1.0.1``, task ``debug_tissue_segmentation`` (``tissue_mask``), the echo frames only: the bright
-  tissue of the echo frame (myocardium, septum, valves): the frame blurred (Gaussian, radius 2 px) and thresholded at the 80th percentile of its scan region, opened with a
-  3x3 minimum/maximum filter, inside the scan region only. About a fifth of the fan, so neither an empty mask nor
+  tissue of the echo frame (myocardium, septum, valves): the frame blurred (Gaussian, radius 2 px) and
+  thresholded at the 80th percentile of its scan region, opened with a 3x3 minimum/maximum filter, inside the scan region only. About a fifth of the fan, so neither an empty mask nor
   the whole fan scores well.
 
 Splits: ``train.json``, ``validation.json``, ``test.json`` (JSON arrays of records with paths relative to the dataset
