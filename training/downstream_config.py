@@ -30,6 +30,7 @@ COMMON_DEFAULTS: dict = {
     "data": {
         "dataset": None, "root": None, "fold": 0, "split_seed": 42, "image_size": 224, "label_rule": "eq255",
         "label_fraction": 1.0, "label_seed": 0, "batch_size_per_gpu": 16, "eval_batch_size": 16, "num_workers": 4,
+        "augment": "none",  # none | usaugment (training.data.us_augment: the paper's four transforms, p = 0.5 each)
     },
     "train": {
         "mode": "frozen",  # frozen = upstream protocol; full = fine-tune the backbone too
@@ -65,6 +66,8 @@ def load_downstream_config(task: str, path: str | Path | None, overrides: list[s
     if cfg["train"]["avgpool"] not in (0, 1, 2):
         raise ConfigError(f"{where}: train.avgpool must be 0 (the pooled feature), 1 (the mean token, the same "
                           f"vector) or 2 (their sum = 2 x the pooled feature), got {cfg['train']['avgpool']!r}")
+    if cfg["data"]["augment"] not in ("none", "usaugment"):
+        raise ConfigError(f"{where}: data.augment must be none or usaugment, got {cfg['data']['augment']!r}")
     if cfg["train"]["optimizer"] not in ("sgd", "adam", "adamw"):
         raise ConfigError(f"{where}: train.optimizer must be sgd, adam or adamw, got {cfg['train']['optimizer']!r}")
     return cfg

@@ -148,8 +148,10 @@ def build_data(cfg: dict) -> tuple[DownstreamDataset, dict[str, DownstreamDatase
     for split in ("val", "test"):
         samples, _ = build_samples(d["dataset"], d["root"], split, d["fold"], d["split_seed"])
         evals[split] = DownstreamDataset(samples, task, d["image_size"], train=False, label_rule=d["label_rule"])
+    from .data.us_augment import build_augment
+
     train_ds = DownstreamDataset(train, task, d["image_size"], train=True, label_rule=d["label_rule"],
-                                 seed=cfg["train"]["seed"])
+                                 seed=cfg["train"]["seed"], augment=build_augment(d["augment"]))
     return train_ds, evals, classes
 
 
@@ -287,6 +289,13 @@ def train(task: str, args: argparse.Namespace) -> dict:
 
         try:
             require_matplotlib("log.overlay_images=0")
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
+    if cfg["data"]["augment"] == "usaugment":
+        from .data.us_augment import require_usaugment
+
+        try:
+            require_usaugment("data.augment=none")
         except ImportError as err:
             raise ConfigError(str(err)) from None
     rank, world, device = du.init_distributed()

@@ -274,3 +274,126 @@ def image_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignor
         if total:
             scores.append(2.0 * int((p & g).sum()) / total)
     return float(np.mean(scores)) if scores else 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UltraBench (training.benchmark): ranking metrics from class scores, split-pooled Dice/IoU over foreground classes
+#
+# UltraBench's experiments (adamtupper/usaugment-experiments, src/usaugment/models/{classification,segmentation}.py)
+# log torchmetrics with its defaults: Accuracy (micro: the plain accuracy), AveragePrecision (macro over classes,
+# one-vs-rest; binary AP for 2-class tasks; their key metric), and Dice(ignore_index=0) (micro: TP/FP/FN of every
+# foreground class summed over the whole test split). The functions below compute those, plus macro-F1 and AUROC.
+
+
+def _binary_curve_inputs(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores sorted descending with tied scores grouped: (distinct thresholds, cumulative TP, cumulative FP)."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], positive[order].astype(np.float64)
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # the last index of each run of equal scores
+    tps = np.cumsum(y)[last]
+    fps = (last + 1) - tps
+    return s[last], tps, fps
+
+
+def binary_average_precision(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """AP = sum_n (R_n - R_{n-1}) P_n over the distinct thresholds (sklearn's ``average_precision_score`` and
+    torchmetrics' ``BinaryAveragePrecision``); nan without a positive."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    if positive.sum() == 0:
+        return math.nan
+    _, tps, fps = _binary_curve_inputs(scores, positive)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def binary_auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve (ties count one half: the Mann-Whitney U statistic); nan without both classes."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(scores.size, np.float64)
+    s = scores[order]
+    i = 0
+    while i < s.size:  # average ranks over ties
+        j = i
+        while j + 1 < s.size and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def ranking_metrics(y_true: Sequence[int], scores: np.ndarray) -> dict:
+    """AP and AUROC from class scores ``(N, K)``: binary (class 1 against class 0) for K = 2, else the macro mean of
+    one-vs-rest values over the classes that have both positives and negatives."""
+    t = np.asarray(y_true, np.int64)
+    scores = np.asarray(scores, np.float64)
+    if scores.ndim != 2 or scores.shape[0] != t.size:
+        raise ValueError(f"scores must be (N, K) with N = {t.size}, got {scores.shape}")
+    if scores.shape[1] == 2:
+        return {"average_precision": binary_average_precision(scores[:, 1], t == 1),
+                "auroc": binary_auroc(scores[:, 1], t == 1)}
+    ap = [binary_average_precision(scores[:, c], t == c) for c in range(scores.shape[1])]
+    auc = [binary_auroc(scores[:, c], t == c) for c in range(scores.shape[1])]
+
+    def macro(v):
+        v = [x for x in v if not math.isnan(x)]
+        return float(np.mean(v)) if v else math.nan
+
+    return {"average_precision": macro(ap), "auroc": macro(auc)}
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """``(K, K)`` counts, rows = true class, columns = predicted class."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+    return cm
+
+
+class SplitSegmentationMeter:
+    """Dice and IoU over the foreground classes (1..K-1) of a whole split, UltraBench's definition: TP, FP and FN
+    summed over every image and foreground class (``dice`` = 2TP / (2TP + FP + FN), ``iou`` = TP / (TP + FP + FN));
+    also per class (``dice_per_class``) and the mean over images of each image's foreground Dice
+    (``dice_per_image``; an image with neither foreground in the label nor in the prediction scores 1). Pixels
+    labelled ``ignore_index`` are left out."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = 255):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.tp = np.zeros(num_classes, np.int64)
+        self.fp = np.zeros(num_classes, np.int64)
+        self.fn = np.zeros(num_classes, np.int64)
+        self.image_dice: list[float] = []
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """``pred``, ``target``: ``(B, H, W)`` class indices."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        pred, target = pred.cpu().long(), target.cpu().long()
+        valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
+        for b in range(pred.shape[0]):
+            tp = fp = fn = 0
+            for c in range(1, self.num_classes):
+                p, g = (pred[b] == c) & valid[b], (target[b] == c) & valid[b]
+                ctp, cfp, cfn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
+                self.tp[c] += ctp
+                self.fp[c] += cfp
+                self.fn[c] += cfn
+                tp, fp, fn = tp + ctp, fp + cfp, fn + cfn
+            self.image_dice.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+
+    def compute(self) -> dict:
+        tp, fp, fn = int(self.tp[1:].sum()), int(self.fp[1:].sum()), int(self.fn[1:].sum())
+        denom = 2 * tp + fp + fn
+
+        def per_class_dice(c):
+            d = 2 * self.tp[c] + self.fp[c] + self.fn[c]
+            return float(2 * self.tp[c] / d) if d else math.nan
+
+        return {"dice": float(2 * tp / denom) if denom else 1.0,
+                "iou": float(tp / (tp + fp + fn)) if denom else 1.0,
+                "dice_per_image": float(np.mean(self.image_dice)) if self.image_dice else math.nan,
+                "dice_per_class": [per_class_dice(c) for c in range(1, self.num_classes)],
+                "num_samples": len(self.image_dice)}

@@ -28,7 +28,15 @@ def _loaders():
     from training.downstream_config import load_downstream_config
     from training.pretrain import load_pretrain_config
 
+    def benchmark(path, overrides=()):
+        from training.benchmark.cli import DEFAULTS, _check_types
+
+        cfg = load_config(path, overrides, defaults=DEFAULTS)
+        _check_types(cfg, DEFAULTS)
+        return cfg
+
     return {
+        "benchmark": benchmark,
         "pretrain": load_pretrain_config,
         "distill": load_distill_config,
         "classification": lambda path, overrides=(): load_downstream_config("classification", path, overrides),
@@ -37,6 +45,8 @@ def _loaders():
 
 
 def _job_of(path: Path) -> str:
+    if path.parent.name == "benchmark":
+        return "benchmark"
     if path.parent.name == "distill":
         return "distill"
     if path.parent.name == "downstream":
@@ -265,7 +275,7 @@ def test_portable_paths(tmp_path):
 
 ENTRY_POINTS = ("training.pretrain", "training.distill", "training.export_student", "training.export_pretrained",
                 "training.linear_probe", "training.finetune_segmentation", "training.evaluate", "training.quickstart",
-                "training.data.datasets")
+                "training.data.datasets", "training.benchmark")
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)

@@ -8,6 +8,8 @@ spanning the values shown. Each function takes plain numpy arrays, writes one PN
 * :func:`pretraining_figure`: per global crop: the crop, the teacher's attention on its token grid, the chosen mask,
   the masked reconstruction; the step in the title.
 * :func:`segmentation_figure`: per image: the image, the ground truth, the prediction with its Dice.
+* :func:`confusion_matrices_figure`, :func:`segmentation_comparison_figure`: the benchmark's per-task figures
+  (one confusion matrix per protocol; image | ground truth | one prediction per protocol).
 
 Figures are drawn on a bare ``matplotlib.figure.Figure`` (Agg), without pyplot: no display, no global state.
 """
@@ -23,8 +25,8 @@ import numpy as np
 
 from .checkpoint import atomic_write
 
-__all__ = ["DPI", "FigureInfo", "frame_similarity_figure", "pretraining_figure", "require_matplotlib",
-           "segmentation_figure"]
+__all__ = ["DPI", "FigureInfo", "confusion_matrices_figure", "frame_similarity_figure", "pretraining_figure",
+           "require_matplotlib", "segmentation_comparison_figure", "segmentation_figure"]
 
 DPI = 100
 
@@ -250,5 +252,76 @@ def segmentation_figure(path: str | Path, images: np.ndarray, targets: np.ndarra
     handles = [Patch(color=colours[c], label=name) for c, name in enumerate(class_names) if c != background]
     if ignore_index is not None:
         handles.append(Patch(color=(0.5, 0.5, 0.5), label=f"ignored ({ignore_index})"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmark
+
+
+def confusion_matrices_figure(path: str | Path, matrices: dict[str, np.ndarray], class_names: list[str], *,
+                              title: str) -> FigureInfo:
+    """One panel per protocol: the confusion matrix (rows = true class, columns = predicted), colour = the share of
+    the true class (row-normalised, 0 to 1, one colour bar), each cell printed as its count."""
+    n = len(matrices)
+    k = len(class_names)
+    side = max(3.6, 0.55 * k + 2.2)
+    fig = _figure(side * n + 1.2, side + 0.9)
+    _suptitle(fig, title)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    im = None
+    for ax, (name, cm) in zip(axes, matrices.items()):
+        cm = np.asarray(cm, dtype=np.int64)
+        rows = cm.sum(1, keepdims=True)
+        share = np.divide(cm, rows, out=np.zeros(cm.shape, np.float64), where=rows > 0)
+        im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8 if k > 6 else 10,
+                        color="white" if share[i, j] > 0.5 else "black")
+        ax.set_xticks(range(k), class_names, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
+        ax.set_yticks(range(k), class_names)
+        acc = np.trace(cm) / max(1, cm.sum())
+        ax.set(xlabel="predicted class", ylabel="true class", title=f"{name}: accuracy {acc:.3f} ({cm.sum()} images)")
+    bar = fig.colorbar(im, ax=list(axes), fraction=0.046, pad=0.02)
+    bar.set_label("share of the true class (row-normalised)")
+    info = _save(fig, path)
+    return FigureInfo(info.path, info.size, 0.0, 1.0)
+
+
+def segmentation_comparison_figure(path: str | Path, images: np.ndarray, targets: np.ndarray,
+                                   predictions: dict[str, tuple[np.ndarray, list[float]]], *, title: str,
+                                   class_names: list[str], ignore_index: int | None = 255) -> FigureInfo:
+    """One row per image: the image, the ground truth, then one prediction per protocol with its Dice; classes
+    painted over the image (background clear), outlines in the class colour.
+
+    ``images``: ``(n, H, W, 3)`` RGB in [0, 1]; ``targets``: ``(n, H, W)``; ``predictions``: protocol ->
+    (``(n, H, W)`` class indices, per-image Dice)."""
+    from matplotlib.patches import Patch
+
+    n = images.shape[0]
+    cols = 2 + len(predictions)
+    colours = _class_colours(len(class_names))
+    fig = _figure(3.2 * cols + 0.4, 3.0 * n + 1.2)
+    _suptitle(fig, title)
+    axes = fig.subplots(n, cols, squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(images[i])
+        axes[i, 0].set_title(f"test image {i}")
+        axes[i, 1].imshow(_overlay(images[i], targets[i], colours, ignore_index, 0))
+        _outline(axes[i, 1], targets[i], colours, 0)
+        axes[i, 1].set_title("ground truth")
+        for j, (name, (preds, dice)) in enumerate(predictions.items()):
+            ax = axes[i, 2 + j]
+            ax.imshow(_overlay(images[i], preds[i], colours, ignore_index, 0))
+            _outline(ax, preds[i], colours, 0)
+            ax.set_title(f"{name}, Dice {dice[i]:.3f}")
+        for ax in axes[i]:
+            ax.set_xlabel("x (px)")
+        axes[i, 0].set_ylabel("y (px)")
+    handles = [Patch(color=colours[c], label=name) for c, name in enumerate(class_names) if c != 0]
+    if ignore_index is not None:
+        handles.append(Patch(color=(0.5, 0.5, 0.5), label=f"outside the scan region ({ignore_index})"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
     return _save(fig, path)

@@ -29,6 +29,9 @@ Mask rule: upstream turns a mask into labels with ``ToTensor().long()``, so only
 pixel foreground (what the offline metric script ``calculate_dice_iou.py`` assumes), which is the better choice for
 JPEG masks (TN3K).
 
+Ultrasound augmentation (``data.augment: usaugment``, training only): ``training.data.us_augment`` after the
+geometric transforms, on the image in [0, 1], with a full-frame scan mask.
+
 Label efficiency: :func:`subsample` keeps a seeded fraction of the training samples (per class for classification).
 """
 
@@ -44,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .augmentations import random_resized_crop_box, to_normalized_tensor
+from .augmentations import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box, to_normalized_tensor
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BUSI_CLASSES = ("benign", "malignant", "normal")
@@ -234,7 +237,16 @@ def mask_to_labels(mask: Image.Image, rule: str = "eq255") -> torch.Tensor:
     return torch.from_numpy(out.astype(np.int64))
 
 
-def classification_transform(img: Image.Image, size: int, train: bool, rng: random.Random | None) -> torch.Tensor:
+def _augmented_tensor(img: Image.Image, augment, seed: int) -> torch.Tensor:
+    """``augment`` (``augment: usaugment``) on the RGB image in [0, 1] with a full-frame scan mask (these layouts have
+    none), then ImageNet normalisation."""
+    arr = augment(np.asarray(img, dtype=np.float32) / 255.0, np.ones((img.height, img.width), np.uint8), seed)
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)
+    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def classification_transform(img: Image.Image, size: int, train: bool, rng: random.Random | None,
+                             augment=None) -> torch.Tensor:
     """``eval_linear.py:31-56``: train ``Resize((s, s))`` -> ``RandomResizedCrop(s)`` (scale 0.08-1, bilinear) -> HFlip;
     eval Resize."""
     img = img.convert("RGB").resize((size, size), Image.BILINEAR)
@@ -242,11 +254,13 @@ def classification_transform(img: Image.Image, size: int, train: bool, rng: rand
         img = img.resize((size, size), Image.BILINEAR, box=random_resized_crop_box(size, size, rng))
         if rng.random() < 0.5:
             img = ImageOps.mirror(img)
+    if train and augment is not None:
+        return _augmented_tensor(img, augment, rng.getrandbits(32))
     return to_normalized_tensor(img)
 
 
 def segmentation_transform(img: Image.Image, mask: Image.Image, size: int, train: bool, rng: random.Random | None,
-                           label_rule: str = "eq255") -> tuple[torch.Tensor, torch.Tensor]:
+                           label_rule: str = "eq255", augment=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``dataset/transforms.py``: resize (image bilinear, mask nearest); train: p 0.5 rotate by 90·k (k in 1..3, expand)
     + centre crop, HFlip 0.5, VFlip 0.5."""
     img = img.convert("RGB").resize((size, size), Image.BILINEAR)
@@ -262,6 +276,8 @@ def segmentation_transform(img: Image.Image, mask: Image.Image, size: int, train
             img, mask = ImageOps.mirror(img), ImageOps.mirror(mask)
         if rng.random() < 0.5:
             img, mask = ImageOps.flip(img), ImageOps.flip(mask)
+    if train and augment is not None:  # image-only transforms: the mask is unchanged
+        return _augmented_tensor(img, augment, rng.getrandbits(32)), mask_to_labels(mask, label_rule)
     return to_normalized_tensor(img), mask_to_labels(mask, label_rule)
 
 
@@ -270,7 +286,7 @@ class DownstreamDataset(torch.utils.data.Dataset):
     resumed run sees the same data as an uninterrupted one."""
 
     def __init__(self, samples: list[Sample], task: str, image_size: int = 224, train: bool = False,
-                 label_rule: str = "eq255", seed: int = 0):
+                 label_rule: str = "eq255", seed: int = 0, augment=None):
         if task not in ("segmentation", "classification"):
             raise ValueError(f"task must be segmentation or classification, got {task!r}")
         if not samples:
@@ -281,6 +297,7 @@ class DownstreamDataset(torch.utils.data.Dataset):
             raise ValueError("classification needs a label for every sample")
         self.samples, self.task, self.image_size, self.train = samples, task, image_size, train
         self.label_rule, self.seed, self.epoch = label_rule, seed, 0
+        self.augment = augment  # training only: training.data.us_augment.USAugment (augment: usaugment) or None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -295,9 +312,9 @@ class DownstreamDataset(torch.utils.data.Dataset):
         with Image.open(s.image) as im:
             img = im.convert("RGB")
         if self.task == "classification":
-            return {"pixel_values": classification_transform(img, self.image_size, self.train, rng),
+            return {"pixel_values": classification_transform(img, self.image_size, self.train, rng, self.augment),
                     "labels": torch.tensor(s.label), "index": index}
         with Image.open(s.mask) as m:
             mask = m.convert("L")
-        x, y = segmentation_transform(img, mask, self.image_size, self.train, rng, self.label_rule)
+        x, y = segmentation_transform(img, mask, self.image_size, self.train, rng, self.label_rule, self.augment)
         return {"pixel_values": x, "labels": y, "index": index}
