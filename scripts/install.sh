@@ -10,3 +10,5 @@ fi
 # torch build is a CUDA one that runs on CPU). Installed first, so the package's ranges install nothing more.
 .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/pip install --quiet -e ".[test,timm]"
+# the transformers and timm test suites that tests/models/ runs OpenUS against (from their sdists on the package index)
+.venv/bin/python scripts/fetch_peer_tests.py
