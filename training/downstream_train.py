@@ -1,4 +1,5 @@
-"""Shared engine of ``training.linear_probe`` and ``training.finetune_segmentation`` (spec §3.1, §3.2).
+"""Shared engine of ``training.linear_probe`` and ``training.finetune_segmentation`` (upstream OpenUS's
+``eval_linear.py`` and ``eval_segmentation.py``).
 
 Single process or torchrun + DDP (gloo on CPU, nccl on GPU). ``--output-dir`` receives ``config.yaml`` (resolved),
 ``log.jsonl`` (train loss per logged step, validation metrics per epoch), ``checkpoints/checkpoint_{step:08d}.pth``
@@ -82,7 +83,7 @@ def load_downstream_config(task: str, path: str | Path | None, overrides: list[s
     if cfg["train"]["mode"] not in ("frozen", "full"):
         raise ValueError(f"train.mode must be frozen or full, got {cfg['train']['mode']!r}")
     if cfg["train"]["avgpool"] not in (0, 1, 2):
-        raise ValueError("train.avgpool must be 0, 1 or 2 (spec §3.1)")
+        raise ValueError("train.avgpool must be 0, 1 or 2 (upstream eval_linear.py --avgpool_patchtokens)")
     return cfg
 
 
@@ -135,7 +136,7 @@ def build_model(cfg: dict, num_labels: int, classes: list[str] | None) -> nn.Mod
 
 class DownstreamNet(nn.Module):
     """The task model run the upstream way: a frozen backbone stays in eval and runs without autograd; the linear
-    probe sees ``feature_scale`` x the pooled feature (``avgpool=2`` -> 2 x GAP, spec §3.1)."""
+    probe sees ``feature_scale`` x the pooled feature (``avgpool=2`` -> 2 x GAP, upstream eval_linear.py)."""
 
     def __init__(self, model: nn.Module, task: str, frozen: bool, feature_scale: float = 1.0):
         super().__init__()
@@ -155,7 +156,8 @@ class DownstreamNet(nn.Module):
             if self.task == "classification":
                 feats = m.openus(pixel_values, return_dict=True).pooler_output  # [B, C]
             else:
-                feats = m.openus.stage_features(pixel_values)  # 4 x [B, H_i, W_i, C_i]
+                maps = m.openus(pixel_values).feature_maps  # 4 x [B, C_i, H_i, W_i], out-normed
+                feats = [f.permute(0, 2, 3, 1) for f in maps]  # channel-last, as the decoder reads them
         if self.task == "classification":
             return m.classifier(feats * self.feature_scale)
         logits = m.decoder(feats)

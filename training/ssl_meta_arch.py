@@ -1,5 +1,5 @@
-"""Student and EMA teacher of OpenUS pretraining (spec §2.3): backbone + pixel decoder + reconstruction-importance
-EMA map + iBOT head, and the loading of upstream ``checkpoint.pth`` entries into them."""
+"""Student and EMA teacher of OpenUS pretraining (upstream main_openus.py:253-309): backbone + pixel decoder +
+reconstruction-importance EMA map + iBOT head, and the loading of upstream ``checkpoint.pth`` entries into them."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ class OpenUSPretrainNetwork(nn.Module):
         out = {"global_cls": g_cls, "global_patch": g_patch, "global_rec": g_rec, "importance": g_imp}
         if local_crops is not None:
             l_tokens, l_rec, _ = self.reconstruct(local_crops, local_masks, importance=False)
-            out["local_cls"] = self.head(l_tokens)[0]  # local patch logits are unused (spec §7.6)
+            # local patch logits are unused (upstream train_one_epoch, main_openus.py:466-627)
+            out["local_cls"] = self.head(l_tokens)[0]
             out["local_rec"] = l_rec
         return out
 
@@ -196,6 +197,8 @@ def networks_from_upstream(checkpoint: dict, **config_overrides) -> tuple[OpenUS
         state = upstream_to_network_state(backbone, head)
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("recon_importance.")]
+        # OpenUSModel holds the last stage's out-norm only: upstream's outnorm0-2 never enter pretraining
+        unexpected = [k for k in unexpected if not re.match(r"backbone\.stage_norms\.\d+\.", k)]
         if missing or unexpected:
             raise ValueError(f"upstream checkpoint does not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
     for p in teacher.parameters():
