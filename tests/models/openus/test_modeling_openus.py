@@ -84,7 +84,7 @@ class OpenUSModelTester:
         image_size=32,
         num_channels=3,
         embed_dim=8,
-        depths=[1, 1, 2, 1],
+        depths=[1, 1, 1, 1],
         d_state=2,
         is_training=True,
         use_labels=True,
@@ -130,8 +130,8 @@ class OpenUSModelTester:
             out_indices=self.out_indices,
             num_labels=self.num_labels,
             drop_path_rate=0.0,
-            # OpenUS: the segmentation head's decoder, kept as small as the backbone
-            decoder_depths=[1, 1, 1, 1],
+            # OpenUS: the segmentation head's decoder, small: one block at the finest level, the other levels upsample
+            decoder_depths=[1, 0, 0, 0],
             decoder_d_state=2,
         )
 
