@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoBackbone,
     AutoConfig,
@@ -225,6 +226,11 @@ def test_backbone_feature_maps(tmp_path):
     # only the norms a model lacks are skipped quietly: any other extra key is still reported
     clf, info = OpenUSForImageClassification.from_pretrained(tmp_path, num_labels=2, output_loading_info=True)
     assert not info["unexpected_keys"] and info["missing_keys"] == {"classifier.weight", "classifier.bias"}
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "stage_norms.7.weight": torch.ones(1), "encoder.extra.weight": torch.ones(1)},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _, info = OpenUSModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["unexpected_keys"] == {"stage_norms.7.weight", "encoder.extra.weight"}, info
 
 
 def test_upernet_decoder_uses_the_backbone():

@@ -21,14 +21,16 @@ try:
 except peer_suites.PeerSuiteMissing as err:
     _MISSING = str(err)
 
-    class _Missing:
-        def __init__(self, *args, **kwargs):
-            pass
-
+    class ImageProcessingTestMixin:
         def setUp(self):
             skip_or_fail(_MISSING)
 
-    ImageProcessingTester = ImageProcessingTestMixin = PostProcessSemanticSegmentationTestMixin = _Missing
+    class ImageProcessingTester:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    class PostProcessSemanticSegmentationTestMixin:
+        pass
 
 
 class OpenUSImageProcessingTester(ImageProcessingTester):

@@ -205,6 +205,7 @@ class OpenUSModelTest(_ListedLikeAnInTreeModel, ModelTesterMixin, unittest.TestC
     test_torch_exportable = True
 
     def setUp(self):
+        super().setUp()
         self.model_tester = OpenUSModelTester(self)
         self.config_tester = ConfigTester(
             self,
@@ -286,4 +287,5 @@ class OpenUSBackboneTest(_ListedLikeAnInTreeModel, unittest.TestCase, BackboneTe
     has_attentions = False
 
     def setUp(self):
+        super().setUp()
         self.model_tester = OpenUSModelTester(self)
