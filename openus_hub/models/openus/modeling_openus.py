@@ -15,6 +15,7 @@ Upstream references are to XZheng0427/OpenUS at commit 6b9f6d2e (`vmamba_models/
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -314,6 +315,9 @@ class OpenUSPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["OpenUSLayer", "OpenUSDownsample"]
+    # the first layer the pixels reach (embeddings.conv1): `get_input_embeddings`, which `enable_input_require_grads`
+    # hooks so that gradient checkpointing works with a frozen stem (PEFT)
+    _input_embed_layer = "conv1"
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -780,7 +784,7 @@ class OpenUSForSemanticSegmentation(OpenUSPreTrainedModel):
         if config.out_indices != every_stage:
             # the decoder reads every stage, so its backbone returns them all: a copy of the config says so (the
             # caller's config is left as it was)
-            config = config.__class__.from_dict(config.to_dict())
+            config = copy.deepcopy(config)
             config.out_indices = every_stage
         super().__init__(config)
         if config.num_labels < 1:
