@@ -283,10 +283,15 @@ class OpenUSImageProcessorPil(PilBackend):
     def _resize_hwc(arr: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
         if arr.shape[:2] == (height, width):
             return arr
-        if arr.dtype == np.uint8:  # uint8 path: what upstream does (PIL on the uint8 image, rounding included)
+        if arr.dtype == np.uint8 and arr.shape[-1] in (1, 3):  # what upstream does: PIL on the uint8 image, rounded
             img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
             out = np.asarray(img.resize((width, height), resample=resample))
             return out[..., None] if out.ndim == 2 else out
+        if arr.dtype == np.uint8:  # with alpha (do_convert_rgb=False): channel by channel, as PIL resizes LA/RGBA
+            # images with premultiplied alpha, which would change the colours under transparent pixels
+            chans = [np.asarray(Image.fromarray(arr[..., c]).resize((width, height), resample=resample))
+                     for c in range(arr.shape[-1])]
+            return np.stack(chans, axis=-1)
         # deeper or float data: per-channel PIL 'F' resize (same antialiased filter, no rounding, no clipping)
         chans = [
             np.asarray(Image.fromarray(arr[..., c].astype(np.float32)).resize((width, height), resample))
