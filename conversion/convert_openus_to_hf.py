@@ -12,12 +12,16 @@ The architecture (depths, widths, d_state, ssm_ratio, dt ranks, conv kernel, MLP
 shapes; no preset name is needed. Every key is accounted for: renamed, or dropped as a reported pretraining-only
 group; anything else is an error.
 
+Without ``--seg-head`` the output is an ``OpenUSBackbone`` folder returning all four stages, with all four of
+upstream's out-norms: ``AutoBackbone`` gives upstream's four stage maps, ``AutoModel`` its tokens and pooled feature.
+
 With ``--seg-head HEAD`` the output is one ``OpenUSForSemanticSegmentation`` folder (backbone + upstream MambaDecoder
-head, ``vmamba_models/MambaDecoder.py:151-280``), loadable with ``AutoModelForSemanticSegmentation``. ``HEAD`` is what upstream's
-``eval_segmentation.py`` saves (``{epoch, state_dict, optimizer, scheduler, best_miou, best_dice}``, the head's keys
-``decoder.*``), or a plain state dict (``.safetensors``/``.pth``) holding the head as top-level ``decoder.*`` keys,
-e.g. beside ``backbone.*``; ``--seg-head`` without a value takes the head from ``--checkpoint``. The decoder's width,
-depths, d_state, SS2D ratio, attention reductions and number of labels are inferred from the head's shapes.
+head, ``vmamba_models/MambaDecoder.py:151-280``), loadable with ``AutoModelForSemanticSegmentation``. ``HEAD`` is
+what upstream's ``eval_segmentation.py`` saves (``{epoch, state_dict, optimizer, scheduler, best_miou, best_dice}``,
+the head's keys ``decoder.*``), or a plain state dict (``.safetensors``/``.pth``) holding the head as top-level
+``decoder.*`` keys, e.g. beside ``backbone.*``; ``--seg-head`` without a value takes the head from ``--checkpoint``.
+The decoder's width, depths, d_state, SS2D ratio, attention reductions and number of labels are inferred from the
+head's shapes.
 
 Usage:
     python conversion/convert_openus_to_hf.py --checkpoint PATH --output-dir DIR [--source teacher|student]
@@ -272,8 +276,12 @@ def _drop_path_for(kwargs: dict) -> float:
 
 
 def convert(checkpoint: str, source: str = "teacher", keep_mask_token: bool = False):
-    """Load and convert; returns (model, report dict). Raises ConversionError on anything unexpected."""
-    from openus_hub import OpenUSConfig, OpenUSModel
+    """Load and convert; returns (model, report dict). Raises ConversionError on anything unexpected.
+
+    The model is an ``OpenUSBackbone`` returning all four stages, the one class that holds all four of upstream's
+    out-norms (``outnorm{i}``): the folder reproduces upstream's four stage maps with ``AutoBackbone``, and loads
+    into ``AutoModel`` (which keeps only the last stage's norm) as well."""
+    from openus_hub import OpenUSBackbone, OpenUSConfig
 
     ckpt = load_checkpoint(checkpoint)
     backbone, dropped = extract_backbone(ckpt, source)
@@ -281,8 +289,9 @@ def convert(checkpoint: str, source: str = "teacher", keep_mask_token: bool = Fa
     renamed, dropped_backbone = rename_keys(backbone, keep_mask_token)
     dropped.update(dropped_backbone)
     config = OpenUSConfig(**kwargs, drop_path_rate=_drop_path_for(kwargs),
-                          use_mask_token=keep_mask_token and "masked_embed" in backbone)
-    model = OpenUSModel(config)
+                          use_mask_token=keep_mask_token and "masked_embed" in backbone,
+                          out_indices=list(range(1, len(kwargs["depths"]) + 1)))
+    model = OpenUSBackbone(config)
     _check_and_load(model, renamed)
     report = {"config": kwargs, "kept": len(renamed), "dropped": {k: len(v) for k, v in dropped.items()},
               "parameters": sum(p.numel() for p in model.parameters())}
@@ -490,36 +499,44 @@ def _output_tensors(out) -> dict:
 
 
 def self_check(model, folder: str, size: int = 64, seed: int = 0) -> list[dict]:
-    """Reload ``folder`` with the Auto class (default scan implementation) and compare it with the converted
+    """Reload ``folder`` with the Auto classes (default scan implementation) and compare them with the converted
     in-memory model, i.e. the checkpoint's tensors, run through the pure-PyTorch reference scan, on a fixed-seed random
-    input. Returns one check row per output tensor group; raises ConversionError above SELF_CHECK_TOL."""
+    input. A backbone folder is checked through ``AutoBackbone`` (the four out-normed stage maps, hidden states) and
+    ``AutoModel`` (tokens and pooled feature); a segmentation folder through ``AutoModelForSemanticSegmentation``.
+    Returns one check row per output tensor; raises ConversionError above SELF_CHECK_TOL."""
     import transformers
 
-    from openus_hub import OpenUSForSemanticSegmentation
+    from openus_hub import OpenUSForSemanticSegmentation, OpenUSModel
+    from openus_hub.auto import AutoBackbone
 
-    auto = (transformers.AutoModelForSemanticSegmentation if isinstance(model, OpenUSForSemanticSegmentation)
-            else transformers.AutoModel)
-    reloaded = auto.from_pretrained(folder).eval()
     x = torch.randn(1, model.config.num_channels, size, size, generator=torch.Generator().manual_seed(seed))
     saved = model.config.scan_implementation
     try:
         model.config.scan_implementation = "reference"
         with torch.no_grad():
             ref = _output_tensors(model(x, output_hidden_states=True))
+            if not isinstance(model, OpenUSForSemanticSegmentation):  # tokens: these tensors run as AutoModel runs them
+                tokens = OpenUSModel(model.config)
+                tokens.load_state_dict(model.state_dict(), strict=False)
+                ref.update(_output_tensors(tokens.eval()(x)))
     finally:
         model.config.scan_implementation = saved
-    with torch.no_grad():
-        got = _output_tensors(reloaded(x, output_hidden_states=True))
+    autos = ([transformers.AutoModelForSemanticSegmentation] if isinstance(model, OpenUSForSemanticSegmentation)
+             else [AutoBackbone, transformers.AutoModel])
     rows = []
-    for key in ref:
-        diff = (got[key] - ref[key]).abs().max().item()
-        rows.append({"check": f"saved folder ({auto.__name__}, scan '{reloaded.config.scan_implementation}') vs "
-                              f"checkpoint tensors with the reference scan: `{key}`",
-                     "input": f"randn 1x{model.config.num_channels}x{size}x{size}, seed {seed}",
-                     "max_abs_diff": diff, "tolerance": SELF_CHECK_TOL})
-        if not diff <= SELF_CHECK_TOL:
-            raise ConversionError(f"self-check failed: {key} differs by {diff:.2e} (> {SELF_CHECK_TOL:.0e}) between "
-                                  "the saved folder and the converted weights")
+    for auto in autos:
+        reloaded = auto.from_pretrained(folder).eval()
+        with torch.no_grad():
+            got = _output_tensors(reloaded(x, output_hidden_states=True))
+        for key, value in got.items():
+            diff = (value - ref[key]).abs().max().item()
+            rows.append({"check": f"saved folder ({auto.__name__}, scan '{reloaded.config.scan_implementation}') vs "
+                                  f"checkpoint tensors with the reference scan: `{key}`",
+                         "input": f"randn 1x{model.config.num_channels}x{size}x{size}, seed {seed}",
+                         "max_abs_diff": diff, "tolerance": SELF_CHECK_TOL})
+            if not diff <= SELF_CHECK_TOL:
+                raise ConversionError(f"self-check failed: {key} differs by {diff:.2e} (> {SELF_CHECK_TOL:.0e}) "
+                                      "between the saved folder and the converted weights")
     return rows
 
 

@@ -170,11 +170,21 @@ class AutoModel(transformers.AutoModel):
 
 
 class AutoBackbone(transformers.AutoBackbone):
-    """``transformers.AutoBackbone`` that also accepts openus_hub registry names."""
+    """``transformers.AutoBackbone`` that also accepts openus_hub registry names and local folders.
+
+    transformers 5.24's ``AutoBackbone.from_pretrained`` first asks the Hub whether the name is a repo (to fall back
+    to a timm backbone), which raises for a local folder path; a folder loads here as it does with ``AutoModel``."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        return _resolved_call(super().from_pretrained, pretrained_model_name_or_path, model_args, kwargs)
+        from transformers.models.auto.auto_factory import _BaseAutoBackboneClass
+
+        def load(path, *args, **kw):
+            if os.path.isdir(path):
+                return super(_BaseAutoBackboneClass, cls).from_pretrained(path, *args, **kw)
+            return super(AutoBackbone, cls).from_pretrained(path, *args, **kw)
+
+        return _resolved_call(load, pretrained_model_name_or_path, model_args, kwargs)
 
 
 class AutoModelForImageClassification(transformers.AutoModelForImageClassification):

@@ -42,7 +42,7 @@ class FeatureOutput:
     """Result of :func:`extract_features`, rows aligned with ``items``."""
 
     pooled: torch.Tensor  # [N, C] pooler_output (mean of the last-stage tokens)
-    stage_maps: list[torch.Tensor] | None  # 4 x [N, C_i, H_i, W_i], out-normed stage outputs
+    stage_maps: list[torch.Tensor] | None  # 4 x [N, C_i, H_i, W_i], out-normed stage outputs (OpenUSBackbone's)
     items: list[InputItem] = field(default_factory=list)
 
 
@@ -94,16 +94,49 @@ def expand_input(
 
 
 def _resolve_model(model: Any, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The network to run: an ``.onnx`` file runs in ONNX Runtime (:class:`~openus_hub.onnx.ORTModel`); a folder /
+    registry name loads as ``OpenUSBackbone`` (with the out-norms its config lists, plus the last stage's); a head
+    model gives its backbone (``OpenUSModel`` or ``OpenUSBackbone``)."""
     if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):  # an exported graph: ONNX Runtime
         from .onnx import ORTModel
 
         return ORTModel.from_pretrained(model)
     if isinstance(model, (str, os.PathLike)):
-        from transformers import AutoModel
+        model = load_feature_model(model, dtype)
+    return getattr(model, "base_model", model)  # heads (classification, segmentation) share the OpenUS backbone
 
-        model = AutoModel.from_pretrained(str(model), **({"dtype": dtype} if dtype is not None else {}))
-    base = getattr(model, "base_model", model)  # heads (classification, segmentation) share the OpenUS backbone
-    return base
+
+def load_feature_model(name: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A folder / registry name / Hub id as ``OpenUSBackbone`` holding every out-norm the folder has (the stages its
+    config lists, plus the last stage's): the network :func:`out_normed_stage_maps` reads."""
+    from .auto import AutoBackbone, resolve
+    from .models.openus.configuration_openus import OpenUSConfig
+
+    path, _ = resolve(name)
+    config = OpenUSConfig.from_pretrained(path)
+    config.out_indices = sorted(set(config.out_indices) - {0} | {config.num_stages})
+    return AutoBackbone.from_pretrained(path, config=config, **({"dtype": dtype} if dtype is not None else {}))
+
+
+def out_normed_stage_maps(model: torch.nn.Module, hidden_states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The out-normed stage maps ``(B, C_i, H_i, W_i)``, upstream's dense features, from an OpenUS model's
+    ``hidden_states`` (stem output, then the raw stage outputs); see :func:`_out_norm` for stages without a norm."""
+    return [_out_norm(model, i, h) for i, h in enumerate(hidden_states[1:])]
+
+
+def _out_norm(model: torch.nn.Module, stage: int, hidden_state: torch.Tensor) -> torch.Tensor:
+    """Stage ``stage``'s raw map ``(B, C, H, W)`` through its out-norm. A model without that norm (``OpenUSModel``
+    keeps the last stage's only) uses the norm's initial value, weight 1 and bias 0, which is where upstream
+    pretraining leaves ``outnorm0..2``: its forward reads the last stage only (``dino_vmamba.py:1740-1802``), so
+    they get no gradient."""
+    norms = model.stage_norms
+    channels_last = hidden_state.permute(0, 2, 3, 1)
+    if str(stage) in norms:
+        normed = norms[str(stage)](channels_last)
+    else:
+        eps = model.config.layer_norm_eps
+        normed = torch.nn.functional.layer_norm(channels_last, channels_last.shape[-1:], eps=eps)
+    return normed.permute(0, 3, 1, 2)
 
 
 def _resolve_processor(model: torch.nn.Module, processor: Any) -> Any:
@@ -141,14 +174,21 @@ def embed_items(
     """Run already-expanded items through processor + model in batches on the model's device; CPU float32 out."""
     param = next(model.parameters()) if hasattr(model, "parameters") else None  # no parameters: an ORTModel
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
-    pooled, maps = [], [[] for _ in range(4)] if return_stage_maps else None
+    num_stages = model.config.num_stages
+    pooled, maps = [], [[] for _ in range(num_stages)] if return_stage_maps else None
     for batch in batched(list(items), batch_size):
         # cropping and frame selection already happened in expand_input
         pixel_values = processor([it.image for it in batch], return_tensors="pt", dicom_crop="none")["pixel_values"]
-        out = model(pixel_values=pixel_values.to(device=device, dtype=dtype), output_hidden_states=return_stage_maps)
-        pooled.append(out.pooler_output.float().cpu())
+        pixel_values = pixel_values.to(device=device, dtype=dtype)
+        has_pooler = not hasattr(model, "out_features")  # OpenUSModel, ORTModel; OpenUSBackbone has feature maps only
+        out = model(pixel_values=pixel_values, output_hidden_states=return_stage_maps or not has_pooler)
+        if param is None and return_stage_maps:  # an ONNX export returns the out-normed stage maps themselves
+            stage_maps = list(out.hidden_states)
+        elif return_stage_maps or not has_pooler:  # raw stage outputs -> out-normed stage maps
+            stage_maps = out_normed_stage_maps(model, out.hidden_states)
+        pooled.append((out.pooler_output if has_pooler else stage_maps[-1].mean(dim=(2, 3))).float().cpu())
         if maps is not None:
-            for i, m in enumerate(out.hidden_states[-4:]):
+            for i, m in enumerate(stage_maps):
                 maps[i].append(m.float().cpu())
     if not pooled:
         raise ValueError("no inputs to embed")
@@ -169,18 +209,20 @@ def extract_features(
     """Pooled embeddings and per-stage feature maps of images, DICOM files and cine loops.
 
     Args:
-        model: an ``OpenUSModel`` (or any OpenUS head model: its backbone is used), a folder / hub id to load with
-            ``AutoModel``, or an exported feature-extraction ``.onnx`` file / :class:`~openus_hub.onnx.ORTModel` (run
-            in ONNX Runtime; stage maps need an export with ``stage_maps=True``). Inputs go to the model's device and
-            dtype; outputs come back as float32 on CPU.
+        model: an ``OpenUSModel`` / ``OpenUSBackbone`` (or any OpenUS head model: its backbone is used), a folder /
+            registry name / Hub id, loaded as ``OpenUSBackbone`` with every out-norm the folder holds, or an exported
+            feature-extraction ``.onnx`` file / :class:`~openus_hub.onnx.ORTModel` (run in ONNX Runtime; stage maps
+            need an export with ``stage_maps=True``). Inputs go to the model's device and dtype; outputs come back as
+            float32 on CPU.
         inputs: one input or a list: PIL images, numpy arrays / tensors (HxW, HxWxC, CxHxW), image or DICOM file
             paths, pydicom Datasets, or :class:`~openus_hub.io.DicomImage`. A cine loop contributes one row per
             selected frame.
         processor: the image processor; default: the model folder's ``preprocessor_config.json`` if there is one,
             else ``OpenUSImageProcessor()`` (upstream preprocessing).
         batch_size: images per forward pass.
-        return_stage_maps: also return the four stage maps ``(N, C_i, H_i, W_i)`` (memory: stage 1 is 56x56 per image
-            at 224).
+        return_stage_maps: also return the four out-normed stage maps ``(N, C_i, H_i, W_i)`` (memory: stage 1 is 56x56
+            per image at 224). A stage whose out-norm the model does not hold (``OpenUSModel`` keeps the last only) is
+            normalised with that norm's initial weight 1 / bias 0, where upstream pretraining leaves it.
         frame_stride / num_frames: cine frame sampling (see :func:`openus_hub.io.select_frames`).
         dicom_crop: ``"auto"`` / ``"regions"`` / ``"heuristic"`` / ``"none"``; default: the processor's ``dicom_crop``.
 

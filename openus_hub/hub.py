@@ -67,11 +67,13 @@ def _check_loads(folder: Path) -> str | None:
         config = transformers.AutoConfig.from_pretrained(folder)
     except Exception as err:
         return f"config.json does not load with AutoConfig ({type(err).__name__}: {str(err)[:200]})"
+    from .auto import AutoBackbone  # transformers 5.24's AutoBackbone refuses local folders
+
     arch = (getattr(config, "architectures", None) or [""])[0]
     auto = transformers.AutoModel
     for suffix, cls in (("ForSemanticSegmentation", transformers.AutoModelForSemanticSegmentation),
                         ("ForImageClassification", transformers.AutoModelForImageClassification),
-                        ("Backbone", transformers.AutoBackbone)):
+                        ("Backbone", AutoBackbone)):
         if arch.endswith(suffix):
             auto = cls
     try:

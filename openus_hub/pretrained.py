@@ -142,7 +142,7 @@ _OPENUS_MEAN, _OPENUS_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT
 def _openus(name: str, status: str, description: str, how: str) -> PretrainedEntry:
     return PretrainedEntry(
         name=name, repo_id="{org}/" + name, status=status, task="image-feature-extraction",
-        architecture="OpenUSModel", license="cc-by-nc-4.0",
+        architecture="OpenUSBackbone", license="cc-by-nc-4.0",
         source=f"{OPENUS_UPSTREAM}@{OPENUS_UPSTREAM_COMMIT}" if status != "train yourself"
         else f"openus_hub OpenUSConfig.from_preset('{name}'), pretrained with the OpenUS recipe",
         input_size=(3, 224, 224), mean=_OPENUS_MEAN, std=_OPENUS_STD, how_to_get=how.format(name=name),

@@ -2,40 +2,56 @@
 
 :func:`register` adds three timm entry points, ``openus_tiny``, ``openus_small`` and ``openus_base`` (the presets of
 :meth:`OpenUSConfig.from_preset`), each with a ``pretrained_cfg`` built from the openus_hub registry
-(:func:`openus_hub.pretrained.get_pretrained`): the Hub repo (``hf_hub_id``, ``repo@revision`` once pinned), input
-size, mean/std and licence. timm reads ``model.safetensors`` from that repo, the very file the transformers folder
-holds, and :func:`checkpoint_filter_fn` maps its keys onto :class:`OpenUS`. ``import openus_hub`` calls
-:func:`register` when timm is installed, so timm users need nothing new:
+(:func:`openus_hub.pretrained.get_pretrained`): input size, mean/std, licence and, once the registry lists the
+weights as published, the Hub repo (``hf_hub_id``, ``repo@revision``). No OpenUS weights are published yet, so timm
+lists the models without pretrained weights (``timm.list_pretrained("openus*")`` is empty). timm reads
+``model.safetensors``, the very file a transformers folder holds, and :func:`checkpoint_filter_fn` maps its keys onto
+:class:`OpenUS`. ``import openus_hub`` calls :func:`register` when timm is installed:
 
     import openus_hub, timm
     timm.list_models("openus*")                    # ['openus_base', 'openus_small', 'openus_tiny']
     backbone = timm.create_model("openus_small", features_only=True, out_indices=(1, 3),
                                  pretrained=True, pretrained_cfg_overlay=dict(file="openus-small/model.safetensors"))
 
-:class:`OpenUS` wraps an :class:`OpenUSModel` under ``openus.`` (the transformers layers, not a copy) and adds
-timm's interface: ``forward_features`` (last out-normed stage map, NCHW), ``forward_head`` (mean pool, dropout,
+:class:`OpenUS` wraps an :class:`OpenUSBackbone` under ``openus.`` (the transformers layers, not a copy) and adds
+timm's interface: ``forward_features`` (the last stage map, out-normed, NCHW), ``forward_head`` (mean pool, dropout,
 linear), ``reset_classifier``, ``forward_intermediates`` / ``prune_intermediate_layers`` (``features_only`` goes
-through timm's ``FeatureGetterNet``) and ``feature_info``. Feature maps are the out-normed stage maps, the same
-tensors as ``OpenUSBackbone(...).feature_maps`` for the same weights. Architecture keywords
-(``embed_dim``, ``depths``, ``d_state``, ``ssm_ratio``, ... any :class:`OpenUSConfig` field) pass through
-``timm.create_model`` and override the preset; ``drop_path_rate`` defaults to 0 (timm's convention), not the preset's
-pretraining rate.
+through timm's ``FeatureGetterNet`` with ``norm=True``) and ``feature_info``.
 
-While an entry has no published weights (see its registry status), ``pretrained=True`` without a ``file``, ``url``
-or ``state_dict`` in ``pretrained_cfg_overlay`` raises :class:`~openus_hub.pretrained.UnpublishedModelError`: never
-random weights. Weights are read as timm reads them, without the registry's sha256 check.
+Stage norms: a classification model holds the last stage's out-norm only (every parameter is trained; DDP needs no
+``find_unused_parameters``). A ``features_only`` model is built with the out-norm of every stage, so its maps are
+upstream's out-normed stage maps, the same tensors as ``OpenUSBackbone(...).feature_maps`` for the same weights.
+``forward_intermediates(norm=True)`` applies a stage's out-norm where the model has it (timm's "compatible
+intermediates"), ``norm=False`` returns the raw stage outputs.
+
+Architecture keywords (any :class:`OpenUSConfig` field: ``embed_dim``, ``depths``, ``d_state``, ``ssm_ratio``, ...)
+pass through ``timm.create_model`` and override the preset; anything else raises ``TypeError``, as for every timm
+model. ``drop_path_rate`` defaults to 0 (timm's convention), not the preset's pretraining rate. ``device`` and
+``dtype`` place the weights.
+
+``torch.fx``: the SS2D mixer (its scan dispatch has Python control flow on shapes and devices) is registered with
+timm as a leaf module, and the input check and the channel-last conv helper as leaf functions, the way timm registers
+its own layers that symbolic tracing cannot enter. ``torch.export`` traces the whole model. TorchScript is not
+supported (the layers are transformers modules).
+
+While an entry has no published weights, ``pretrained=True`` without a ``file``, ``url`` or ``state_dict`` in
+``pretrained_cfg_overlay`` raises :class:`~openus_hub.pretrained.UnpublishedModelError`: never random weights.
+Weights are read as timm reads them, without the registry's sha256 check.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from .models.openus.configuration_openus import OPENUS_PRESETS, OpenUSConfig
-from .models.openus.modeling_openus import OpenUSModel
+from .models.openus.modeling_openus import OpenUSBackbone, OpenUSMixer, check_pixel_values, conv_channels_last
 from .pretrained import UnpublishedModelError, get_pretrained
 
 __all__ = ["TIMM_NAMES", "OpenUS", "checkpoint_filter_fn", "register"]
@@ -45,18 +61,27 @@ logger = logging.getLogger(__name__)
 # timm entry point -> openus_hub registry name (also the OpenUSConfig preset)
 TIMM_NAMES = {"openus_tiny": "openus-tiny", "openus_small": "openus-small", "openus_base": "openus-base"}
 _FEATURE_MODULE = "openus.encoder.stages.{}"
+# OpenUSConfig fields a timm model takes as keywords (in_chans stands for num_channels; the stage norms follow
+# all_stage_norms; the rest of PreTrainedConfig is not architecture)
+_ARCHITECTURE_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(OpenUSConfig)
+    if f.name in OpenUSConfig.__annotations__ and not f.name.startswith("_") and f.name != "num_channels"
+)
 
 
 class OpenUS(nn.Module):
-    """OpenUS (VMamba) for timm: the transformers :class:`OpenUSModel` under ``openus.``, plus a classifier head.
+    """OpenUS (VMamba) for timm: the transformers :class:`OpenUSBackbone` under ``openus.``, plus a classifier head.
 
     Args:
         num_classes: classes of the linear head on the mean-pooled last stage; 0 gives pooled features.
         in_chans: input channels (``OpenUSConfig.num_channels``).
         global_pool: ``"avg"`` (mean over positions, as ``OpenUSModel.pooler_output``) or ``""`` (no pooling).
         drop_rate: dropout before the head.
-        **config_kwargs: :class:`OpenUSConfig` fields (``embed_dim``, ``depths``, ``d_state``, ``ssm_ratio``,
-            ``drop_path_rate``, ``scan_implementation``, ...).
+        all_stage_norms: also build the out-norms of the stages before the last (upstream's ``outnorm0..S-2``),
+            which only feature extraction uses; ``features_only=True`` sets it.
+        device, dtype: where and in which dtype the weights are created.
+        **config_kwargs: :class:`OpenUSConfig` architecture fields (``embed_dim``, ``depths``, ``d_state``,
+            ``ssm_ratio``, ``drop_path_rate``, ``scan_implementation``, ...); any other keyword is a ``TypeError``.
     """
 
     def __init__(
@@ -65,13 +90,24 @@ class OpenUS(nn.Module):
         in_chans: int = 3,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        all_stage_norms: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **config_kwargs: Any,
     ):
         super().__init__()
+        unknown = sorted(set(config_kwargs) - _ARCHITECTURE_FIELDS)
+        if unknown:
+            raise TypeError(f"OpenUS got unexpected keyword argument(s) {unknown}; architecture keywords are "
+                            f"OpenUSConfig fields: {sorted(_ARCHITECTURE_FIELDS)}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         config = OpenUSConfig(num_channels=in_chans, **config_kwargs)
-        self.openus = OpenUSModel(config)
+        config.out_indices = list(range(1, config.num_stages + 1)) if all_stage_norms else [config.num_stages]
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.openus = OpenUSBackbone(config)
+        if dtype is not None:
+            self.openus.to(dtype=dtype)
         self.config = config
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -84,11 +120,16 @@ class OpenUS(nn.Module):
         ]
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._make_head(num_classes)
-        if isinstance(self.head, nn.Linear):  # upstream init: trunc_normal(0.02), zero bias
-            self.openus._init_weights(self.head)
 
     def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        """A new head on the device and in the dtype of the weights, in the model's train/eval mode; a linear head
+        gets upstream's init (trunc_normal(0.02), zero bias)."""
+        if num_classes <= 0:
+            return nn.Identity()
+        ref = next(self.openus.parameters())
+        head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+        self.openus._init_weights(head)
+        return head.train(self.training)
 
     # -- timm interface ------------------------------------------------------------------------------------------
 
@@ -105,13 +146,11 @@ class OpenUS(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (old names warn)
-        on = getattr(self.openus, "activation_checkpointing_enable", self.openus.gradient_checkpointing_enable)
-        off = getattr(self.openus, "activation_checkpointing_disable", self.openus.gradient_checkpointing_disable)
+        # transformers 5 checkpoints its GradientCheckpointingLayer blocks (activation_checkpointing_*)
         if enable:
-            on()
+            self.openus.activation_checkpointing_enable()
         else:
-            off()
+            self.openus.activation_checkpointing_disable()
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -124,8 +163,13 @@ class OpenUS(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = self._make_head(num_classes)
-        if isinstance(self.head, nn.Linear):
-            self.openus._init_weights(self.head)
+
+    def _stage_norm(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The out-norm of stage ``index`` applied to its channel-first map, if this model has that norm."""
+        norms = self.openus.stage_norms
+        if str(index) not in norms:
+            return hidden_states
+        return norms[str(index)](hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward_intermediates(
         self,
@@ -136,11 +180,12 @@ class OpenUS(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Out-normed stage maps (``OpenUSModel.stage_features``), NCHW or NHWC.
+        """Stage maps: raw, or with ``norm`` out-normed where the model has the stage's norm (all stages for a
+        ``features_only`` model, the last for a classifier).
 
-        ``indices``: last n stages if an int, those listed if a sequence, all if None. Every stage map goes through
-        its own ``stage_norms`` LayerNorm (the OpenUS feature contract), so ``norm`` changes nothing.
-        Returns the maps, or ``(last stage map NCHW, maps)`` unless ``intermediates_only``.
+        ``indices``: last n stages if an int, those listed if a sequence, all if None. Returns the maps (NCHW or
+        NHWC), or ``(final map, maps)`` unless ``intermediates_only``; the final map is the last stage run,
+        out-normed when the model has its norm, i.e. ``forward_features``' output.
         """
         from timm.models._features import feature_take_indices
 
@@ -148,25 +193,20 @@ class OpenUS(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         encoder = self.openus.encoder
         take_indices, max_index = feature_take_indices(len(encoder.stages), indices)
-        self.openus._check_input(x)
-        # the same calls as OpenUSModel._encode / OpenUSEncoder.forward, so the maps are bit-identical
-        h = self.openus.embeddings(x.to(self.openus.embeddings.conv1.weight.dtype))  # [B, H/4, W/4, C]
         last = max_index if stop_early else len(encoder.stages) - 1
-        intermediates, final = [], None
-        for i in range(last + 1):
-            h = encoder.stages[i](h)  # [B, H_i, W_i, C_i]
-            if i in take_indices or (i == last and not intermediates_only):
-                normed = self.openus.stage_norms[i](h)
-                if i in take_indices:
-                    intermediates.append(normed)
-                final = normed
-            if i < len(encoder.downsamples) and i < last:
-                h = encoder.downsamples[i](h)
-        if output_fmt == "NCHW":
-            intermediates = [m.permute(0, 3, 1, 2) for m in intermediates]
+        hidden_states = self.openus.embeddings(x)  # [B, C, H/4, W/4]
+        intermediates = []
+        for index in range(last + 1):
+            hidden_states, _ = encoder.stages[index](hidden_states)  # [B, C_i, H_i, W_i]
+            if index in take_indices:
+                intermediates.append(self._stage_norm(index, hidden_states) if norm else hidden_states)
+            if index < last:
+                hidden_states = encoder.downsamples[index](hidden_states)
+        if output_fmt == "NHWC":
+            intermediates = [m.permute(0, 2, 3, 1) for m in intermediates]
         if intermediates_only:
             return intermediates
-        return final.permute(0, 3, 1, 2), intermediates
+        return self._stage_norm(last, hidden_states), intermediates
 
     def prune_intermediate_layers(
         self,
@@ -174,25 +214,26 @@ class OpenUS(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> list[int]:
-        """Drop the stages after the last one ``indices`` needs (and the head). Stage norms are kept: they are part
-        of every stage map."""
+        """Drop the stages after the last one ``indices`` needs, the out-norms nothing reads any more (all of them with
+        ``prune_norm``), and with ``prune_head`` the head. What is left is all used: every parameter gets a gradient."""
         from timm.models._features import feature_take_indices
 
         encoder = self.openus.encoder
         take_indices, max_index = feature_take_indices(len(encoder.stages), indices)
-        if max_index < len(encoder.stages) - 1:
-            encoder.stages = encoder.stages[: max_index + 1]
-            encoder.downsamples = encoder.downsamples[:max_index]
-            self.openus.stage_norms = self.openus.stage_norms[: max_index + 1]
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-            prune_head = True
-        if prune_head:
+        encoder.stages = encoder.stages[: max_index + 1]
+        encoder.downsamples = encoder.downsamples[:max_index]
+        keep = set() if prune_norm else {str(i) for i in (*take_indices, max_index)}
+        for key in list(self.openus.stage_norms):
+            if key not in keep:
+                del self.openus.stage_norms[key]
+        self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or max_index < len(self.feature_info) - 1:
             self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last out-normed stage map, ``(B, C, H/32, W/32)``."""
-        return self.forward_intermediates(x, indices=1, intermediates_only=True)[0]
+        """The last stage map, out-normed (if the model still has that norm), ``(B, C, H/32, W/32)``."""
+        return self.forward_intermediates(x, indices=1)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -207,11 +248,12 @@ class OpenUS(nn.Module):
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: OpenUS) -> dict[str, torch.Tensor]:
     """Map a transformers OpenUS state dict onto :class:`OpenUS`.
 
-    Accepts the bare ``OpenUSModel`` layout (``embeddings.``, ``encoder.``, ``stage_norms.``), the head models'
-    ``openus.`` layout (``OpenUSBackbone``, ``OpenUSForImageClassification``: ``classifier.`` becomes ``head.``;
-    ``OpenUSForSemanticSegmentation``: its decoder is dropped) and timm's own. A pretraining ``mask_token`` is
-    dropped when the model has none. Backbone keys are kept as they are, so an architecture mismatch still fails
-    timm's strict load."""
+    Accepts the key layouts of every OpenUS folder: ``OpenUSModel`` and ``OpenUSBackbone`` (``embeddings.``,
+    ``encoder.``, ``stage_norms.``), the head models (``openus.``; ``OpenUSForImageClassification``'s ``classifier.``
+    becomes ``head.``, ``OpenUSForSemanticSegmentation``'s decoder is dropped) and timm's own. Dropped as well: a
+    pretraining ``mask_token`` when the model has none, and out-norms of stages the model does not hold (a classifier
+    keeps the last stage's only). Everything else is kept as it is, so an architecture mismatch still fails timm's
+    strict load."""
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     model_keys = set(model.state_dict())
@@ -221,7 +263,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: OpenUS) -> 
             key = "openus." + key
         elif key.startswith("classifier."):
             key = "head." + key[len("classifier."):]
-        backbone = key.startswith("openus.") and (key != "openus.embeddings.mask_token" or key in model_keys)
+        optional = key == "openus.embeddings.mask_token" or re.match(r"^openus\.stage_norms\.\d+\.", key)
+        backbone = key.startswith("openus.") and (not optional or key in model_keys)
         if backbone or (key.startswith("head.") and key in model_keys):
             out[key] = value
         else:
@@ -234,9 +277,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: OpenUS) -> 
 
 def _cfg(name: str) -> dict:
     entry = get_pretrained(TIMM_NAMES[name])
-    hub_id = entry.resolved_repo_id + (f"@{entry.revision}" if entry.revision else "")
-    return {
-        "hf_hub_id": hub_id,  # the transformers folder: timm reads its model.safetensors
+    cfg = {
         "num_classes": 0,  # a self-supervised backbone: no classifier in the weights
         "input_size": tuple(entry.input_size),
         "pool_size": (entry.input_size[1] // 32, entry.input_size[2] // 32),
@@ -251,6 +292,9 @@ def _cfg(name: str) -> dict:
         "paper_ids": "arXiv:2511.11510",
         "description": entry.description,
     }
+    if entry.published:  # timm lists a model as pretrained when its cfg names weights: only published ones
+        cfg["hf_hub_id"] = f"{entry.resolved_repo_id}@{entry.revision}"  # the transformers folder
+    return cfg
 
 
 def _has_explicit_weights(kwargs: dict) -> bool:
@@ -276,12 +320,14 @@ def _create_openus(variant: str, pretrained: bool = False, **kwargs: Any) -> Ope
         overlay.setdefault("hf_hub_id", f"{entry.resolved_repo_id}@{entry.revision}")
         kwargs["pretrained_cfg_overlay"] = overlay
     # the preset's architecture; stochastic depth off unless asked for (timm's convention; the preset's rate is
-    # the pretraining one)
+    # the pretraining one). Feature extraction reads every stage's out-norm: build them (before weights load).
     model_args = {**OPENUS_PRESETS[entry.name], "drop_path_rate": 0.0, **kwargs}
+    if model_args.get("features_only"):
+        model_args.setdefault("all_stage_norms", True)
     return build_model_with_cfg(
         OpenUS, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)},
+        feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3), "norm": True},
         **model_args,
     )
 
@@ -311,11 +357,16 @@ def register() -> bool:
     if _REGISTERED:
         return True
     try:
+        from timm.layers import register_notrace_function, register_notrace_module
         from timm.models import generate_default_cfgs, register_model
     except Exception as err:  # noqa: BLE001  (e.g. a torchvision that does not match torch: RuntimeError)
         logger.warning("timm is installed but could not be imported (%s: %s); the openus_* timm models are not "
                        "registered", type(err).__name__, err)
         return False
+    # what torch.fx cannot trace through: the scan dispatch, and two helpers that branch on tensor shapes
+    register_notrace_module(OpenUSMixer)
+    register_notrace_function(check_pixel_values)
+    register_notrace_function(conv_channels_last)
     default_cfgs = generate_default_cfgs({name: _cfg(name) for name in TIMM_NAMES})
     for fn in (openus_tiny, openus_small, openus_base):
         register_model(fn)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from conversion import convert_openus_to_hf as conv
-from openus_hub import OpenUSConfig, OpenUSModel
+from openus_hub import AutoBackbone, OpenUSBackbone, OpenUSConfig, OpenUSModel
 from tests.conftest import REPO_ROOT, parity_path
 
 CONFIGS = ["cfg_a", "cfg_b", "cfg_c"]
@@ -25,14 +25,16 @@ def _convert(tmp_path, *args) -> tuple[int, str]:
     return code, str(out)
 
 
-def _assert_outputs_match(model, io, suffix):
+def _assert_outputs_match(folder, io, suffix):
+    """Upstream's four out-normed stage maps through AutoBackbone, its tokens through AutoModel, from one folder."""
     x = io[f"pixel_values_{suffix}"]
     with torch.no_grad():
-        out = model(x, output_hidden_states=True)
+        maps = AutoBackbone.from_pretrained(folder).eval()(x).feature_maps
+        tokens = AutoModel.from_pretrained(folder).eval()(x).last_hidden_state
     for i in range(4):
-        err = (out.hidden_states[i] - io[f"out{i}_{suffix}"]).abs().max().item()
+        err = (maps[i] - io[f"out{i}_{suffix}"]).abs().max().item()
         assert err <= TOL, f"out{i}_{suffix}: max abs diff {err:.2e}"
-    err = (out.last_hidden_state - io[f"tokens_{suffix}"]).abs().max().item()
+    err = (tokens - io[f"tokens_{suffix}"]).abs().max().item()
     assert err <= TOL, f"tokens_{suffix}: max abs diff {err:.2e}"
 
 
@@ -45,10 +47,9 @@ def test_cli_converts_and_automodel_reproduces_upstream_cfg_a(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "dropped 10 tensor(s): non-backbone group 'head.*'" in res.stderr
-    model = AutoModel.from_pretrained(out).eval()
     io = load_file(folder / "io.safetensors")
     for suffix in ("224", "96", "real"):
-        _assert_outputs_match(model, io, suffix)
+        _assert_outputs_match(out, io, suffix)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -56,7 +57,7 @@ def test_converted_teacher_matches_upstream(cfg, tmp_path):
     folder = parity_path("openus", cfg)
     code, out = _convert(tmp_path, "--checkpoint", str(folder / "checkpoint.pth"))
     assert code == 0
-    model = AutoModel.from_pretrained(out).eval()
+    model = AutoBackbone.from_pretrained(out).eval()  # all four out-norms, as upstream's standalone backbone
     config = json.loads((folder / "config.json").read_text())
     kwargs = config["constructor_kwargs"]
     assert model.config.depths == kwargs["depths"] and model.config.embed_dim == kwargs["dims"]
@@ -64,7 +65,7 @@ def test_converted_teacher_matches_upstream(cfg, tmp_path):
     assert sum(p.numel() for p in model.parameters()) == config["param_counts"]["standalone_backbone"]
     io = load_file(folder / "io.safetensors")
     for suffix in ("224", "96", "real"):
-        _assert_outputs_match(model, io, suffix)
+        _assert_outputs_match(out, io, suffix)
 
 
 def test_plain_state_dict_and_student_source(tmp_path):
@@ -72,9 +73,9 @@ def test_plain_state_dict_and_student_source(tmp_path):
     ref = load_file(folder / "teacher_backbone.safetensors")
     code, out = _convert(tmp_path, "--checkpoint", str(folder / "teacher_backbone.safetensors"))
     assert code == 0
-    from_plain = AutoModel.from_pretrained(out).eval()
+    from_plain = AutoBackbone.from_pretrained(out).eval()
     io = load_file(folder / "io.safetensors")
-    _assert_outputs_match(from_plain, io, "224")
+    _assert_outputs_match(out, io, "224")
     renamed, _ = conv.rename_keys(ref)
     for key, value in renamed.items():
         assert torch.equal(from_plain.state_dict()[key], value), key
@@ -86,7 +87,7 @@ def test_plain_state_dict_and_student_source(tmp_path):
     assert "reconstruction-loss EMA map (ema_loss_map)" in dropped
     for key, value in renamed.items():
         assert torch.equal(student_model.state_dict()[key], value), key
-    assert not torch.equal(student_model.stage_norms[0].weight, from_plain.stage_norms[0].weight)
+    assert not torch.equal(student_model.stage_norms["0"].weight, from_plain.stage_norms["0"].weight)
 
 
 def test_keep_mask_token(tmp_path):
@@ -102,12 +103,12 @@ def test_segmentation_backbone_matches_upstream(tmp_path):
     folder = parity_path("openus_seg")
     code, out = _convert(tmp_path, "--checkpoint", str(folder / "seg_model.safetensors"))
     assert code == 0
-    model = AutoModel.from_pretrained(out).eval()
+    model = AutoBackbone.from_pretrained(out).eval()
     io = load_file(folder / "io.safetensors")
     with torch.no_grad():
-        hidden = model(io["pixel_values"], output_hidden_states=True).hidden_states
+        maps = model(io["pixel_values"]).feature_maps
     for i in range(4):
-        err = (hidden[i] - io[f"features.{i}"]).abs().max().item()
+        err = (maps[i] - io[f"features.{i}"]).abs().max().item()
         assert err <= TOL, f"features.{i}: max abs diff {err:.2e}"
 
 
@@ -120,12 +121,12 @@ def test_full_size_manifests_are_fully_accounted_for(arch, preset):
     backbone, dropped = conv.extract_backbone({"teacher": teacher, "student": {}}, "teacher")
     kwargs = conv.infer_config_kwargs(backbone)
     renamed, dropped_backbone = conv.rename_keys(backbone)
-    config = OpenUSConfig(**kwargs, drop_path_rate=conv._drop_path_for(kwargs))
+    config = OpenUSConfig(**kwargs, drop_path_rate=conv._drop_path_for(kwargs), out_indices=[1, 2, 3, 4])
     expected = OpenUSConfig.from_preset(preset)
     for field in ("depths", "embed_dim", "d_state", "ssm_ratio", "dt_ranks", "d_conv", "mlp_ratio", "drop_path_rate"):
         assert getattr(config, field) == getattr(expected, field), field
     with torch.device("meta"):
-        model = OpenUSModel(config)
+        model = OpenUSBackbone(config)  # what the converter builds: all four out-norms
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {k: tuple(v.shape) for k, v in renamed.items()}
     standalone = sum(v.numel() for v in renamed.values())
@@ -194,14 +195,18 @@ def test_refuses_to_overwrite_without_flag(tmp_path, capsys):
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_attention_map_matches_upstream(cfg):
-    """output_attentions: the last block's implicit attention (spec §1.8); upstream min-max normalises per batch.
+    """output_attentions: the last block's implicit attention (upstream dino_vmamba.py:1767-1777 with
+    analyze/utils.py:363-447); upstream min-max normalises it over the batch.
 
     cfg_c has d_state 4, where upstream's clamp(w, 1e-20) is active: we reproduce the clamp, not the exact value.
     """
     from openus_hub.ops import minmax_normalize
 
     folder = parity_path("openus", cfg)
-    model, _ = conv.convert(str(folder / "checkpoint.pth"))
+    converted, _ = conv.convert(str(folder / "checkpoint.pth"))
+    model = OpenUSModel(converted.config)  # the converted tensors; OpenUSModel keeps the last stage's norm only
+    assert not model.load_state_dict(converted.state_dict(), strict=False).missing_keys
+    model.eval()
     io = load_file(folder / "io.safetensors")
     for suffix in ("224", "real"):
         with torch.no_grad():

@@ -72,14 +72,18 @@ def hf_cache(converted, tmp_path, monkeypatch):
     pretrained.reset_registry()
 
 
-def _assert_parity(model, io):
+def _assert_parity(name, io):
+    """Upstream's tokens through AutoModel and its four out-normed stage maps through AutoBackbone, by ``name``."""
+    model = openus_hub.AutoModel.from_pretrained(name).eval()
+    backbone = openus_hub.AutoBackbone.from_pretrained(name).eval()
+    assert type(model).__name__ == "OpenUSModel" and backbone.out_features == ["stage1", "stage2", "stage3", "stage4"]
     with torch.no_grad():
         for suffix in ("224", "real"):
-            out = model(io[f"pixel_values_{suffix}"], output_hidden_states=True)
+            maps = backbone(io[f"pixel_values_{suffix}"]).feature_maps
             for i in range(4):
-                err = (out.hidden_states[i] - io[f"out{i}_{suffix}"]).abs().max().item()
+                err = (maps[i] - io[f"out{i}_{suffix}"]).abs().max().item()
                 assert err <= TOL, f"out{i}_{suffix}: {err:.2e}"
-            err = (out.last_hidden_state - io[f"tokens_{suffix}"]).abs().max().item()
+            err = (model(io[f"pixel_values_{suffix}"]).last_hidden_state - io[f"tokens_{suffix}"]).abs().max().item()
             assert err <= TOL, f"tokens_{suffix}: {err:.2e}"
 
 
@@ -102,9 +106,7 @@ def test_offline_registry_name_loads_from_cache_and_matches_parity(hf_cache, con
     path, entry = resolve("openus-small")
     assert entry.resolved_repo_id == f"{ORG}/openus-small"
     assert Path(path) == hf_cache / f"models--{ORG}--openus-small" / "snapshots" / COMMIT
-    model = openus_hub.AutoModel.from_pretrained("openus-small").eval()
-    assert type(model).__name__ == "OpenUSModel"
-    _assert_parity(model, converted[1])
+    _assert_parity("openus-small", converted[1])
     proc = openus_hub.AutoImageProcessor.from_pretrained("openus-small")
     assert type(proc).__name__.startswith("OpenUSImageProcessor")
 
@@ -161,7 +163,7 @@ def test_local_folder_wins_and_hub_ids_pass_through(hf_cache, converted, tmp_pat
     assert entry is None and path == "openus-small"
     assert resolve("some-org/some-model") == ("some-org/some-model", None)
     assert resolve(str(folder)) == (str(folder), None)
-    _assert_parity(openus_hub.AutoModel.from_pretrained("openus-small").eval(), io)
+    _assert_parity("openus-small", io)
 
 
 def test_registry_file_env_and_org(tmp_path, monkeypatch):

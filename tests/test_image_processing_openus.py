@@ -70,6 +70,24 @@ def test_rgba_drops_alpha_like_upstream(ybr_frame0):
     assert torch.allclose(_pv(proc, np.moveaxis(rgba, -1, 0)), expected, atol=1e-6)  # 4xHxW array
 
 
+def test_without_rgb_conversion_channels_are_kept(ybr_frame0):
+    """The alpha policy belongs to the RGB conversion: with do_convert_rgb=False every channel is kept (4-value mean and
+    std for 4 channels), as transformers' processors do."""
+    rgba = np.dstack([ybr_frame0, np.full(ybr_frame0.shape[:2], 7, np.uint8)])
+    proc = OpenUSImageProcessor(size={"height": 32, "width": 32})
+    kw = {"do_convert_rgb": False, "image_mean": [0.5] * 4, "image_std": [0.5] * 4}
+    for image in (rgba, np.moveaxis(rgba, -1, 0), Image.fromarray(rgba)):
+        out = _pv(proc, image, **kw)
+        assert out.shape == (1, 4, 32, 32)
+        torch.testing.assert_close(out[0, 3], torch.full((32, 32), (7 / 255 - 0.5) / 0.5), rtol=0, atol=1e-6)
+        rgb = _pv(proc, image, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        torch.testing.assert_close(out[:, :3], rgb, rtol=0, atol=1e-6)
+    gray = _pv(proc, ybr_frame0[..., 0], do_convert_rgb=False, image_mean=[0.5], image_std=[0.5])
+    assert gray.shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match="image_mean"):
+        _pv(proc, rgba, do_convert_rgb=False)  # 4 channels, 3 mean values
+
+
 def test_16bit_is_scaled_by_its_range_not_255():
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     proc = OpenUSImageProcessor(size={"height": 64, "width": 64})

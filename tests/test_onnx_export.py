@@ -25,8 +25,15 @@ try:
 except ImportError:  # CI installs the onnx extra: there this fails instead of skipping
     onnx = onnxruntime = None
 
-from openus_hub import OpenUSConfig, OpenUSForImageClassification, OpenUSImageProcessor, OpenUSModel
+from openus_hub import (
+    OpenUSBackbone,
+    OpenUSConfig,
+    OpenUSForImageClassification,
+    OpenUSImageProcessor,
+    OpenUSModel,
+)
 from openus_hub.cli import main as cli_main
+from openus_hub.features import out_normed_stage_maps
 
 ATOL = 1e-4  # acceptance; measured ORT vs PyTorch fp32: <= 6.2e-6 (tiny, small), <= 1.1e-5 (upstream fixtures)
 
@@ -55,12 +62,15 @@ def _echo_pixels(size=(224, 224), count=3) -> torch.Tensor:
     return processor(_echo_frames(count), return_tensors="pt")["pixel_values"]
 
 
-def _torch_outputs(model, x, stage_maps=True):
+def _torch_outputs(model, x, stage_maps=True, backbone=None):
+    """PyTorch's outputs: tokens and pooled feature from ``model``; stage maps from ``backbone.feature_maps`` (a
+    folder's own out-norms) or, without one, ``out_normed_stage_maps`` as extract_features computes them."""
     with torch.no_grad():
         out = model(x, output_hidden_states=stage_maps)
+        maps = backbone(x).feature_maps if backbone is not None else out_normed_stage_maps(model, out.hidden_states)
     res = {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
     if stage_maps:
-        res.update({f"stage_maps.{i}": m for i, m in enumerate(out.hidden_states[-4:])})
+        res.update({f"stage_maps.{i}": m for i, m in enumerate(maps)})
     return {k: v.numpy() for k, v in res.items()}
 
 
@@ -231,6 +241,8 @@ def test_parity_fixture_backbones_match_pytorch_and_upstream(cfg, tmp_path):
     assert conv.main(["--checkpoint", str(folder / "checkpoint.pth"), "--output-dir", str(tmp_path / "hf")]) == 0
     io = load_file(folder / "io.safetensors")
     model = OpenUSModel.from_pretrained(tmp_path / "hf").eval()
+    backbone = OpenUSBackbone.from_pretrained(tmp_path / "hf").eval()  # the converted folder's four out-norms
+    assert len(backbone.out_features) == 4
     for size, suffixes in (((224, 224), ("224", "real")), ((96, 96), ("96",))):
         out = tmp_path / f"{size[0]}" / "model.onnx"
         out.parent.mkdir()
@@ -240,7 +252,7 @@ def test_parity_fixture_backbones_match_pytorch_and_upstream(cfg, tmp_path):
         for suffix in suffixes:
             x = io[f"pixel_values_{suffix}"]
             got = _ort_outputs(out, x)
-            _assert_close(got, _torch_outputs(model, x), label=f"{cfg} {suffix}")
+            _assert_close(got, _torch_outputs(model, x, backbone=backbone), label=f"{cfg} {suffix}")
             upstream = {"last_hidden_state": io[f"tokens_{suffix}"].numpy()}
             upstream.update({f"stage_maps.{i}": io[f"out{i}_{suffix}"].numpy() for i in range(4)})
             _assert_close({k: got[k] for k in upstream}, upstream, label=f"{cfg} {suffix} vs upstream")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSemanticSegmentation
 
@@ -77,14 +78,14 @@ def test_upstream_parity(converted_dir, io_tensors):
     handles += [stage.register_forward_hook(keep(f"decoder.layers_up.{j + 1}"))
                 for j, stage in enumerate(model.decoder.stages)]
     with torch.no_grad():
-        out = model(io_tensors["pixel_values"], labels=io_tensors["labels"], output_hidden_states=True)
+        out = model(io_tensors["pixel_values"], labels=io_tensors["labels"])
+        features = model.openus(io_tensors["pixel_values"]).feature_maps  # the out-normed maps the decoder reads
     for h in handles:
         h.remove()
     with torch.no_grad():
         logits_real = model(io_tensors["pixel_values_real"]).logits
 
-    diffs = {f"features.{i}": (h - io_tensors[f"features.{i}"]).abs().max().item()
-             for i, h in enumerate(out.hidden_states)}
+    diffs = {f"features.{i}": (h - io_tensors[f"features.{i}"]).abs().max().item() for i, h in enumerate(features)}
     for name in sorted(caught):
         assert caught[name].shape == io_tensors[name].shape, name
         diffs[name] = (caught[name] - io_tensors[name]).abs().max().item()
@@ -137,7 +138,10 @@ def test_registered_and_shapes():
         out = model(x, output_hidden_states=True)
         tup = model(x, labels=torch.zeros(2, 64, 96, dtype=torch.long), return_dict=False)
     assert out.logits.shape == (2, 3, 64, 96)
-    assert [tuple(h.shape[1:]) for h in out.hidden_states] == [(16, 16, 24), (32, 8, 12), (64, 4, 6), (128, 2, 3)]
+    # hidden_states: the stem output and the raw stage outputs (OpenUSModel's); the decoder reads the out-normed maps
+    assert [tuple(h.shape[1:]) for h in out.hidden_states] == [
+        (16, 16, 24), (16, 16, 24), (32, 8, 12), (64, 4, 6), (128, 2, 3)]
+    assert len(model.openus(x).feature_maps) == 4 and list(model.openus.stage_norms) == ["0", "1", "2", "3"]
     assert out.loss is None and tup[0].ndim == 0 and torch.equal(tup[1], out.logits)
 
 
@@ -249,11 +253,14 @@ def test_dice_term_and_binary_head():
 
 
 def test_config_validation():
+    # the decoder's width is the backbone's: derived, not a field; configs written before still load when consistent
     with pytest.raises(ValueError, match="decoder_embed_dim"):
         OpenUSConfig(embed_dim=32, decoder_embed_dim=64)
-    with pytest.raises(ValueError, match="decoder_depths"):
+    assert OpenUSConfig(embed_dim=32, decoder_embed_dim=32).decoder_embed_dim == 32
+    assert "decoder_embed_dim" not in OpenUSConfig().to_dict()
+    with pytest.raises(StrictDataclassError, match="decoder_depths"):
         OpenUSConfig(decoder_depths=[4, 4, 4])
-    with pytest.raises(ValueError, match="decoder_d_state"):
+    with pytest.raises(StrictDataclassError, match="decoder_d_state"):
         OpenUSConfig(decoder_d_state=0)
     with pytest.raises(ValueError, match="labels must hold integer"):
         OpenUSForSemanticSegmentation(tiny_config()).compute_loss(torch.zeros(1, 2, 8, 8), torch.zeros(1, 8, 8))
@@ -264,7 +271,8 @@ def test_config_validation():
 
 
 def test_full_size_head_matches_upstream_count():
-    """The default (openus-small) head: 10,241,408 parameters and 292 tensors (spec §3.2)."""
+    """The default (openus-small) head: 10,241,408 parameters and 292 tensors, as upstream's MambaDecoder
+    (MambaDecoder.py:151-280 with embed_dim 96, depths [4, 4, 4, 4])."""
     head = OpenUSMambaDecoder(OpenUSConfig())  # the head alone: no need to build the 49M-parameter backbone
     assert sum(p.numel() for p in head.parameters()) == 10_241_408
     assert len(head.state_dict()) == 292
@@ -285,6 +293,11 @@ def test_post_process_semantic_segmentation():
     assert [tuple(m.shape) for m in sized] == [(32, 20), (8, 8)] and sized[0].dtype == torch.long
     expected = F.interpolate(logits[:1], size=(32, 20), mode="bilinear", align_corners=False)[0].argmax(0)
     assert torch.equal(sized[0], expected)
+    # transformers 5's API: with the per-class scores, resized like the maps
+    scored = post_process_semantic_segmentation(model_out, target_sizes=[(32, 20), (8, 8)],
+                                                return_segmentation_scores=True)
+    assert torch.equal(scored[0].segmentation, sized[0]) and torch.equal(scored[1]["segmentation"], sized[1])
+    assert scored[0].segmentation_scores.shape == (3, 32, 20) and scored[1].segmentation_scores.shape == (3, 8, 8)
     assert torch.equal(post_process_semantic_segmentation(logits, torch.tensor([[16, 16], [16, 16]]))[1], maps[1])
     binary = post_process_semantic_segmentation(torch.tensor([[[[-1.0, 2.0]]]]))
     assert binary[0].tolist() == [[0, 1]]

@@ -118,7 +118,8 @@ class DownstreamNet(nn.Module):
             if self.task == "classification":
                 feats = m.openus(pixel_values, return_dict=True).pooler_output  # [B, C]
             else:
-                feats = m.openus.stage_features(pixel_values)  # 4 x [B, H_i, W_i, C_i]
+                maps = m.openus(pixel_values).feature_maps  # 4 x [B, C_i, H_i, W_i], out-normed
+                feats = [f.permute(0, 2, 3, 1) for f in maps]  # channel-last, as the decoder reads them
         if self.task == "classification":
             return m.classifier(feats * self.feature_scale)
         logits = m.decoder(feats)

@@ -155,7 +155,12 @@ def _load(model: Any, task: str | None, check=lambda task, model_type: None) -> 
         "image-classification": auto.AutoModelForImageClassification,
         "semantic-segmentation": auto.AutoModelForSemanticSegmentation,
     }[task]
-    loaded = loader.from_pretrained(source)
+    if task == "feature-extraction" and model_type == "openus":  # every out-norm the folder holds (stage maps)
+        from openus_hub.features import load_feature_model
+
+        loaded = load_feature_model(source)
+    else:
+        loaded = loader.from_pretrained(source)
     return loaded, task, model_type, folder if folder.is_dir() else None
 
 
@@ -203,12 +208,17 @@ class _ExportWrapper(nn.Module):
         self.model, self.task, self.stage_maps = model, task, stage_maps
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.task == "feature-extraction" and hasattr(self.model, "stage_norms"):  # OpenUS: as extract_features
+            from openus_hub.features import out_normed_stage_maps
+
+            out = self.model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+            maps = out_normed_stage_maps(self.model, out.hidden_states)  # S x [B, C_i, H_i, W_i]
+            tokens = maps[-1].flatten(2).transpose(1, 2)  # [B, H*W, C] row-major, as OpenUSModel's tokens
+            pooled = tokens.mean(dim=1)  # [B, C]
+            return (torch.cat([pooled[:, None], tokens], dim=1), pooled, *(maps if self.stage_maps else ()))
         if self.task == "feature-extraction":
-            out = self.model(pixel_values=pixel_values, output_hidden_states=self.stage_maps, return_dict=True)
-            outputs = [out.last_hidden_state, out.pooler_output]
-            if self.stage_maps:
-                outputs += list(out.hidden_states[-4:])
-            return tuple(outputs)
+            out = self.model(pixel_values=pixel_values, return_dict=True)
+            return out.last_hidden_state, out.pooler_output
         return (self.model(pixel_values=pixel_values, return_dict=True).logits,)
 
 

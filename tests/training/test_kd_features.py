@@ -56,12 +56,13 @@ def test_openus_teacher_features_stem_and_downsamples():
     assert [tuple(e.shape) for e in embeds] == [(1, 384, 8), (1, 96, 16), (1, 24, 32), (1, 6, 64)]
     base = teacher.teacher.openus
     with torch.no_grad():
-        stem = base.embeddings(x)  # (B, H, W, C) channel-last
-        down = base.encoder.downsamples[0](base.encoder.stages[0](stem))
-    assert torch.equal(embeds[0], stem.flatten(1, 2)) and torch.equal(embeds[1], down.flatten(1, 2))
-    with torch.no_grad():
-        hidden = base(x, output_hidden_states=True).hidden_states
-    assert all(torch.equal(a, b) for a, b in zip(feats, hidden))
+        stem = base.embeddings(x)  # (B, C, H, W) channel-first
+        down = base.encoder.downsamples[0](base.encoder.stages[0](stem)[0])
+    assert torch.equal(embeds[0], stem.flatten(2).transpose(1, 2))
+    assert torch.equal(embeds[1], down.flatten(2).transpose(1, 2))
+    with torch.no_grad():  # the stage features are the out-normed maps the segmentation decoder reads
+        maps = base(x).feature_maps
+    assert all(torch.equal(a, b) for a, b in zip(feats, maps))
 
 
 def test_distiller_shapes_and_gradients_with_openus_widths():

@@ -237,5 +237,6 @@ def test_student_forward_end_to_end_backward():
     total = loss["loss"] + out["global_rec"] + out["local_rec"]
     total.backward()
     no_grad = {n for n, p in student.named_parameters() if p.requires_grad and p.grad is None}
-    # only the out-norms of stages 0-2 stay out of the loss (as upstream's outnorm0-2)
-    assert no_grad == {f"backbone.stage_norms.{i}.{w}" for i in range(3) for w in ("weight", "bias")}, no_grad
+    # every parameter is in the loss: OpenUSModel holds only the last stage's out-norm (upstream's outnorm0-2 never
+    # enter pretraining, so they are not built)
+    assert not no_grad, no_grad

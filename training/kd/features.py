@@ -2,13 +2,14 @@
 stage-end LayerNorm and the patch-embedding tokens after the patch embedding's LayerNorm
 (``train/models/Segformer4EmbeddingKD.py:334-374`` of RuipingL/TransKD at commit 39ab795d).
 
-Stage features come from `output_hidden_states=True` on the backbone; patch embeddings from forward hooks on the
-modules that produce each stage's input tokens:
+Stage features come from the backbone: SegFormer's `hidden_states` (`output_hidden_states=True`), OpenUS's
+out-normed `feature_maps` (`OpenUSBackbone`, the maps its segmentation decoder reads); patch embeddings from forward
+hooks on the modules that produce each stage's input tokens:
 
 * SegFormer (transformers 5): `segformer.stages[i].patch_embeddings` (4.x: `segformer.encoder.patch_embeddings[i]`),
   output `(tokens (B, N, C), H, W)`;
-* OpenUS: the stem `openus.embeddings` and the downsampling convs `openus.encoder.downsamples[i]`, channel-last
-  `(B, H, W, C)` LayerNorm outputs, flattened row-major to `(B, N, C)` like SegFormer's tokens.
+* OpenUS: the stem `openus.embeddings` and the downsampling convs `openus.encoder.downsamples[i]`, channel-first
+  `(B, C, H, W)` LayerNorm outputs, flattened row-major to `(B, N, C)` like SegFormer's tokens.
 
 Any hierarchical model with `config.hidden_sizes` and one of these layouts works; other layouts can pass their
 modules to `FeatureTap(model, modules=[...])`.
@@ -55,8 +56,8 @@ def patch_embedding_modules(model: nn.Module) -> list[nn.Module]:
 def _as_tokens(output) -> torch.Tensor:
     if isinstance(output, (tuple, list)):  # SegFormer: (tokens, height, width)
         output = output[0]
-    if output.ndim == 4:  # channel-last map (B, H, W, C) -> (B, H*W, C)
-        output = output.flatten(1, 2)
+    if output.ndim == 4:  # channel-first map (B, C, H, W) -> (B, H*W, C), row-major
+        output = output.flatten(2).transpose(1, 2)
     if output.ndim != 3:
         raise ValueError(f"patch embedding must be (B, N, C) or (B, H, W, C), got {tuple(output.shape)}")
     return output
@@ -95,9 +96,11 @@ class FeatureTap:
 
 
 def stage_features(model: nn.Module, pixel_values: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
-    """Channel-first stage maps `(B, C_s, H_s, W_s)` from the backbone's `hidden_states` (decoder not run)."""
+    """Channel-first stage maps `(B, C_s, H_s, W_s)` from the backbone (decoder not run): a transformers backbone's
+    `feature_maps` (OpenUS: the out-normed stage maps), else its `hidden_states` (SegFormer)."""
     out = backbone_of(model)(pixel_values, output_hidden_states=True, return_dict=True)
-    hidden = list(out.hidden_states)
+    maps = getattr(out, "feature_maps", None)
+    hidden = list(maps) if maps is not None else list(out.hidden_states)
     return hidden[-num_stages:] if num_stages else hidden
 
 

@@ -4,14 +4,17 @@ Defaults reproduce upstream OpenUS evaluation preprocessing (``eval_linear.py`` 
 ``convert('RGB')`` (grayscale replicated to 3 channels), resize to 224x224 with PIL bilinear (antialiased, as
 torchvision's ``Resize`` on a PIL image), ``/ 255`` and ImageNet mean/std.
 
-Input policies (every input becomes ``(3, H, W)`` float32; nothing is silently mis-scaled):
+Input policies (with ``do_convert_rgb=True``, the default, every input becomes ``(3, H, W)`` float32; nothing is
+silently mis-scaled):
 
 ======================  =================================================================================
 input                   policy
 ======================  =================================================================================
 PIL ``L`` / ``1``       grayscale, replicated to 3 channels (same as upstream ``convert('RGB')``)
-PIL ``LA`` / ``RGBA``   alpha dropped, not composited (same as upstream ``convert('RGB')``)
-PIL ``P`` / ``PA``      palette applied (``convert('RGB')``)
+PIL ``LA`` / ``RGBA``   alpha dropped, not composited (same as upstream ``convert('RGB')``); kept with
+                        ``do_convert_rgb=False``
+PIL ``P`` / ``PA``      palette applied (``convert('RGB')``; ``RGBA`` with ``do_convert_rgb=False`` when the
+                        palette has transparency)
 PIL ``RGB``/``CMYK``/.. ``convert('RGB')``
 PIL ``I;16*``           16-bit grayscale, rescaled by ``1 / (2**16 - 1)`` (or ``input_bit_depth``)
 PIL ``I``               32-bit integers; must lie in 0..65535 and are treated as 16-bit, else an error
@@ -19,8 +22,10 @@ PIL ``F``               float, taken to be in [0, 1] already (no rescaling; the 
 numpy / torch           ``HxW``; ``HxWxC`` or ``CxHxW`` with C in 1..4 (2 = gray+alpha, 4 = RGBA; channel-last
                         wins when both ends could be channels; ``input_data_format`` overrides); uint8 -> 8-bit,
                         uint16 -> 16-bit, other non-negative integers <= 65535 -> 16-bit, bool/float -> [0, 1]
-                        as is. Empty arrays and arrays with other than 2 or 3 dimensions are refused: pass a
-                        cine loop as a list of frames, or as a DICOM file.
+                        as is. Alpha (the 2nd of 2, the 4th of 4 channels) is dropped when converting to RGB
+                        and kept with ``do_convert_rgb=False`` (then give as many image_mean/image_std values
+                        as channels). Empty arrays and arrays with other than 2 or 3 dimensions are refused:
+                        pass a cine loop as a list of frames, or as a DICOM file.
 DICOM path / Dataset    decoded by :func:`openus_hub.io.read_dicom` (cropped with ``dicom_crop``); each
 / ``DicomImage``        selected frame (``frame_stride`` / ``num_frames``) becomes one image, rescaled by
                         ``BitsStored``
@@ -185,11 +190,18 @@ class OpenUSImageProcessorPil(PilBackend):
         bit_depth: int | None,
         input_data_format: str | ChannelDimension | None,
         input_bit_depth: int | None = None,
+        convert_rgb: bool = True,
     ) -> tuple[np.ndarray, int | None]:
-        """One input as ``(H, W, C)`` (C = 1 or 3, alpha dropped) and its bit depth (None for floats in [0, 1])."""
+        """One input as ``(H, W, C)`` and its bit depth (None for floats in [0, 1]). With ``convert_rgb`` C is 1 or 3
+        (alpha dropped, as upstream's ``convert('RGB')``); without it the channels are kept as given."""
         if isinstance(image, Image.Image):
             mode = image.mode
-            if mode in ("L",):
+            if not convert_rgb and mode in ("LA", "RGB", "RGBA"):  # channels kept as they are
+                arr = np.asarray(image)
+                arr, bits = (arr if arr.ndim == 3 else arr[..., None]), 8
+            elif not convert_rgb and mode in ("P", "PA") and (mode == "PA" or "transparency" in image.info):
+                arr, bits = np.asarray(image.convert("RGBA")), 8  # palette applied, transparency kept as alpha
+            elif mode in ("L",):
                 arr, bits = np.asarray(image)[..., None], 8
             elif mode == "1":
                 arr, bits = np.asarray(image.convert("L"))[..., None], 8
@@ -246,7 +258,8 @@ class OpenUSImageProcessorPil(PilBackend):
                 f"expected one image as a 2-D (HxW) or 3-D (HxWxC / CxHxW) array, got {arr.ndim}-D shape {arr.shape}; "
                 "pass a batch or a cine loop as a list of frames (e.g. list(frames)), or a DICOM file"
             )
-        arr = arr[..., : _ALPHA_FREE[arr.shape[-1]]]  # drop alpha
+        if convert_rgb:
+            arr = arr[..., : _ALPHA_FREE[arr.shape[-1]]]  # drop alpha
         if arr.dtype.byteorder not in ("=", "|"):
             arr = arr.astype(arr.dtype.newbyteorder("="))
         if arr.dtype == np.bool_:
@@ -270,10 +283,15 @@ class OpenUSImageProcessorPil(PilBackend):
     def _resize_hwc(arr: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
         if arr.shape[:2] == (height, width):
             return arr
-        if arr.dtype == np.uint8:  # uint8 path: what upstream does (PIL on the uint8 image, rounding included)
+        if arr.dtype == np.uint8 and arr.shape[-1] in (1, 3):  # what upstream does: PIL on the uint8 image, rounded
             img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
             out = np.asarray(img.resize((width, height), resample=resample))
             return out[..., None] if out.ndim == 2 else out
+        if arr.dtype == np.uint8:  # with alpha (do_convert_rgb=False): channel by channel, as PIL resizes LA/RGBA
+            # images with premultiplied alpha, which would change the colours under transparent pixels
+            chans = [np.asarray(Image.fromarray(arr[..., c]).resize((width, height), resample=resample))
+                     for c in range(arr.shape[-1])]
+            return np.stack(chans, axis=-1)
         # deeper or float data: per-channel PIL 'F' resize (same antialiased filter, no rounding, no clipping)
         chans = [
             np.asarray(Image.fromarray(arr[..., c].astype(np.float32)).resize((width, height), resample))
@@ -345,7 +363,7 @@ class OpenUSImageProcessorPil(PilBackend):
         resample = int(resample if resample is not None else PILImageResampling.BILINEAR)
         processed, depths = [], []
         for image, depth in items:
-            arr, bits = self._to_hwc(image, depth, input_data_format, input_bit_depth)
+            arr, bits = self._to_hwc(image, depth, input_data_format, input_bit_depth, bool(do_convert_rgb))
             if do_resize:
                 if keep_aspect_ratio:
                     arr = self._resize_keep_aspect(arr, size.height, size.width, resample)
@@ -379,11 +397,14 @@ class OpenUSImageProcessorPil(PilBackend):
         return BatchFeature(data={"pixel_values": out}, tensor_type=return_tensors)
 
 
-    def post_process_semantic_segmentation(self, outputs: Any, target_sizes: Any = None) -> list:
-        """Class maps from segmentation logits (for ``pipeline("image-segmentation")``); see ``segmentation_utils``."""
+    def post_process_semantic_segmentation(
+        self, outputs: Any, target_sizes: Any = None, return_segmentation_scores: bool = False
+    ) -> list:
+        """Class maps from segmentation logits (for ``pipeline("image-segmentation")``), with the per-class scores
+        when ``return_segmentation_scores``; see ``segmentation_utils.post_process_semantic_segmentation``."""
         from .segmentation_utils import post_process_semantic_segmentation
 
-        return post_process_semantic_segmentation(outputs, target_sizes)
+        return post_process_semantic_segmentation(outputs, target_sizes, return_segmentation_scores)
 
 
 def _deep_bits(default: int, override: int | None) -> int:

@@ -1,12 +1,21 @@
-"""PyTorch OpenUS backbone: VMamba with SS2D cross-scan (OpenUS, arXiv 2511.11510; VMamba, arXiv 2401.10166).
+"""PyTorch OpenUS: VMamba with SS2D cross-scan (OpenUS, arXiv 2511.11510; VMamba, arXiv 2401.10166).
 
-Internally the network runs channel-last (``B, H, W, C``): LayerNorms and linear layers act on the last dimension
-and the convolutions see a channels-last view, so no layout copies are made between blocks. Stage outputs are
-returned channel-first (``B, C, H, W``), as upstream.
+Read top-down: embeddings, the SS2D mixer, the VSS layer, stage and encoder, the pretrained-model base, then the
+models (`OpenUSModel`, `OpenUSForImageClassification`, `OpenUSBackbone`) and the segmentation head with
+`OpenUSForSemanticSegmentation`.
+
+Layout: between modules (embeddings -> stage -> downsample -> stage ...) a feature map is channel-first
+``(B, C, H, W)``, as transformers' hidden states are; its memory is channel-last. Inside a module the network runs on
+the channel-last view ``(B, H, W, C)``: LayerNorms and linear layers act on the last dimension and the convolutions
+see a channels-last tensor, so switching views never copies.
+
+Upstream references are to XZheng0427/OpenUS at commit 6b9f6d2e (`vmamba_models/dino_vmamba.py`,
+`vmamba_models/MambaDecoder.py`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -16,15 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.backbone_utils import BackboneMixin
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BackboneOutput,
+    BaseModelOutput,
     BaseModelOutputWithPooling,
     ImageClassifierOutputWithNoAttention,
     SemanticSegmenterOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, auto_docstring, logging
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from openus_hub.ops.ss2d import cross_selective_scan, ss2d_attention_map
 
@@ -33,25 +47,45 @@ from .configuration_openus import OpenUSConfig
 logger = logging.get_logger(__name__)
 
 
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample (timm's DropPath)."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
 
 
-class OpenUSDropPath(nn.Module):
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
+def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, output_stride: int) -> None:
+    """One-line errors for inputs the network cannot take: wrong channel count, sides not multiples of the stride."""
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values must be (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}; "
+            f"replicate grayscale images to {num_channels} channels (the OpenUS image processor does this)"
+        )
+    height, width = pixel_values.shape[-2:]
+    if height % output_stride or width % output_stride:
+        fit = [max(output_stride, round(side / output_stride) * output_stride) for side in (height, width)]
+        raise ValueError(
+            f"OpenUS needs input sides that are multiples of {output_stride}, got {height}x{width}; resize or pad "
+            f"the image (e.g. to {fit[0]}x{fit[1]})"
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
 
-    def extra_repr(self) -> str:
-        return f"p={self.drop_prob}"
+def conv_channels_last(conv: nn.Conv2d, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Apply a Conv2d to a channel-last tensor: (B, H, W, C) -> (B, H', W', C').
+
+    The conv sees a channels-last view. For such inputs oneDNN re-lays-out the weight on every call, so when the
+    weight is larger than the activation (the downsampling convs of late stages) the activation is copied to NCHW
+    instead, which is cheaper; both give the same result.
+    """
+    hidden_states = hidden_states.permute(0, 3, 1, 2)
+    if not torch.compiler.is_compiling() and conv.weight.numel() > hidden_states.numel():
+        hidden_states = hidden_states.contiguous()
+    return conv(hidden_states).permute(0, 2, 3, 1)
+
+
+def _bilinear_channels_last(hidden_states: torch.Tensor, size=None, scale_factor=None) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of a channel-last tensor (B, H, W, C)."""
+    hidden_states = F.interpolate(
+        hidden_states.permute(0, 3, 1, 2), size=size, scale_factor=scale_factor, mode="bilinear", align_corners=False
+    )
+    return hidden_states.permute(0, 2, 3, 1)
 
 
 def _drop_path_rates(rate: float, count: int) -> list[float]:
@@ -60,28 +94,31 @@ def _drop_path_rates(rate: float, count: int) -> list[float]:
     return torch.linspace(0, rate, count, device="cpu").tolist()
 
 
-def _bilinear_channels_last(x: torch.Tensor, size=None, scale_factor=None) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of a channel-last tensor (B, H, W, C)."""
-    x = F.interpolate(x.permute(0, 3, 1, 2), size=size, scale_factor=scale_factor, mode="bilinear",
-                      align_corners=False)
-    return x.permute(0, 2, 3, 1)
+class OpenUSDropPath(nn.Module):
+    """Stochastic depth per sample (timm's DropPath): identity when ``drop_prob`` is 0 or outside training."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep = 1.0 - self.drop_prob
+        mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
 
 
-def _conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply a Conv2d to a channel-last tensor: (B, H, W, C) -> (B, H', W', C').
-
-    The conv sees a channels-last view. For such inputs oneDNN re-lays-out the weight on every call, so when the
-    weight is larger than the activation (the downsampling convs of late stages) the activation is copied to NCHW
-    instead, which is cheaper; both give the same result.
-    """
-    x = x.permute(0, 3, 1, 2)
-    if not torch.compiler.is_compiling() and conv.weight.numel() > x.numel():
-        x = x.contiguous()
-    return conv(x).permute(0, 2, 3, 1)
+# ---------------------------------------------------------------------------------------------------------------------
+# Embeddings, mixer, layer, stage, encoder
 
 
 class OpenUSEmbeddings(nn.Module):
-    """Stem ("v2"): two 3x3 stride-2 convs with LayerNorms and GELU: (B, 3, H, W) -> (B, H/4, W/4, C)."""
+    """Stem ("v2", `dino_vmamba.py:879-893`): two 3x3 stride-2 convs with LayerNorms and GELU,
+    (B, 3, H, W) -> (B, C, H/4, W/4), and the masked-image-modelling token of pretraining."""
 
     def __init__(self, config: OpenUSConfig):
         super().__init__()
@@ -91,31 +128,34 @@ class OpenUSEmbeddings(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        # learned token written over masked 32x32 cells in masked-image pretraining (spec §1.6)
+        # upstream `masked_embed` (dino_vmamba.py:1665, 1825-1833): written over masked 32x32 cells before stage 1
         self.mask_token = nn.Parameter(torch.zeros(1, dim)) if config.use_mask_token else None
+        self.num_channels = config.num_channels
         self.output_stride = config.output_stride
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.conv1(pixel_values).permute(0, 2, 3, 1)  # [B, H/2, W/2, C/2]
-        x = self.act(self.norm1(x))
-        x = self.norm2(_conv_channels_last(self.conv2, x))  # [B, H/4, W/4, C]
+        check_pixel_values(pixel_values, self.num_channels, self.output_stride)
+        pixel_values = pixel_values.to(self.conv1.weight.dtype)
+        embeddings = self.conv1(pixel_values).permute(0, 2, 3, 1)  # [B, H/2, W/2, C/2]
+        embeddings = self.act(self.norm1(embeddings))
+        embeddings = self.norm2(conv_channels_last(self.conv2, embeddings))  # [B, H/4, W/4, C]
         if bool_masked_pos is not None:
             if self.mask_token is None:
                 raise ValueError("bool_masked_pos needs a model built with config.use_mask_token=True")
             scale = self.output_stride // 4  # one mask cell covers scale x scale stem tokens
-            expected = (x.shape[0], x.shape[1] // scale, x.shape[2] // scale)
+            expected = (embeddings.shape[0], embeddings.shape[1] // scale, embeddings.shape[2] // scale)
             if tuple(bool_masked_pos.shape) != expected:
                 raise ValueError(f"bool_masked_pos must have shape {expected} (one cell per 32x32 pixels), got "
                                  f"{tuple(bool_masked_pos.shape)}")
             mask = bool_masked_pos.repeat_interleave(scale, 1).repeat_interleave(scale, 2)[..., None]
-            x = torch.where(mask, self.mask_token.to(x.dtype), x)
-        return x
+            embeddings = torch.where(mask, self.mask_token.to(embeddings.dtype), embeddings)
+        return embeddings.permute(0, 3, 1, 2)  # [B, C, H/4, W/4]
 
 
 class OpenUSMixer(nn.Module):
-    """SS2D ("v05_noz"): in_proj -> depth-wise conv -> activation -> 4-direction selective scan -> LayerNorm ->
-    out_proj, channel-last. The backbone builds it from its config (`for_stage`); decoders with other sizes (e.g. the
-    segmentation head's d_state 4, GELU, conv bias) pass them explicitly."""
+    """SS2D ("v05_noz", `dino_vmamba.py:297-580`): in_proj -> depth-wise conv -> activation -> 4-direction selective
+    scan -> LayerNorm -> out_proj, channel-last. The backbone builds it from its config (`for_stage`); the
+    segmentation decoder, whose SS2D has other sizes (d_state 4, GELU, conv bias), passes them explicitly."""
 
     num_directions = 4
 
@@ -136,7 +176,8 @@ class OpenUSMixer(nn.Module):
         self.in_proj = nn.Linear(dim, inner, bias=False)
         self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=d_conv // 2, groups=inner, bias=conv_bias)
         self.act = ACT2FN[act]
-        # per-direction parameters, stacked along a leading axis of 4 (upstream layouts, spec §1.9)
+        # per-direction parameters stacked along a leading axis of 4, in upstream's layouts (dino_vmamba.py:287-293,
+        # 380-385), so checkpoints load without reshaping
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * state, inner))  # [K, R+2N, D]
         self.dt_proj_weight = nn.Parameter(torch.empty(k, inner, rank))  # [K, D, R]
         self.dt_proj_bias = nn.Parameter(torch.empty(k, inner))  # [K, D]
@@ -153,8 +194,9 @@ class OpenUSMixer(nn.Module):
 
     @torch.no_grad()
     def reset_scan_parameters(self) -> None:
-        """Mamba "v0" initialisation (spec §1.4): nn.Linear default for x_proj, U(+-R^-0.5) for dt_proj, dt bias =
-        inverse softplus of a log-uniform dt in [dt_min, dt_max], A = -(1..N), D = 1."""
+        """Mamba "v0" initialisation (`mamba_init`, dino_vmamba.py:227-294): nn.Linear default for x_proj,
+        U(+-R^-0.5) for dt_proj, dt bias = inverse softplus of a log-uniform dt in [dt_min, dt_max] (floored at
+        dt_init_floor), A = -(1..N), D = 1."""
         cfg = self.config
         k, inner, rank = self.dt_proj_weight.shape
         state = self.A_log.shape[1]
@@ -168,20 +210,28 @@ class OpenUSMixer(nn.Module):
         init.copy_(self.A_log, torch.log(a))
         init.ones_(self.D)
 
+    def _scan_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.act(conv_channels_last(self.conv2d, self.in_proj(hidden_states)))  # [B, H, W, D]
+
     @torch.no_grad()
-    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Implicit ("CwBw") attention of this block's four scans, summed in row-major order: (B, L, L). Spec §1.8."""
-        u = self.act(_conv_channels_last(self.conv2d, self.in_proj(x)))
+    def attention_map(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Implicit ("CwBw") attention of this SS2D's four scans for its input ``hidden_states (B, H, W, C)``,
+        summed in row-major order: (B, L, L). Upstream computes it for the last block (dino_vmamba.py:1767-1777,
+        `analyze/utils.py:363-447`); see `openus_hub.ops.ss2d.ss2d_attention_map`."""
+        u = self._scan_input(hidden_states)
         return ss2d_attention_map(u, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.act(_conv_channels_last(self.conv2d, self.in_proj(x)))  # [B, H, W, D]
-        y = cross_selective_scan(
-            u, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D,
-            implementation=self.config.scan_implementation,
-        )  # [B, H, W, D] float32
-        y = self.out_norm(y.to(x.dtype))
-        return self.out_proj(y)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        u = self._scan_input(hidden_states)  # [B, H, W, D]
+        if u.device.type == "meta":  # meta tensors hold no values: the scan's output is its shape and dtype
+            y = u.new_empty(u.shape, dtype=torch.float32)
+        else:
+            y = cross_selective_scan(
+                u, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D,
+                implementation=self.config.scan_implementation,
+            )  # [B, H, W, D] float32
+        y = self.out_norm(y.to(hidden_states.dtype))
+        return self.out_proj(y)  # [B, H, W, C]
 
 
 class OpenUSMLP(nn.Module):
@@ -191,12 +241,13 @@ class OpenUSMLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(config.mlp_sizes[stage], config.hidden_sizes[stage])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
 
 
-class OpenUSLayer(nn.Module):
-    """VSS block, pre-norm: x + DropPath(SS2D(LN(x))), then x + DropPath(MLP(LN(x)))."""
+class OpenUSLayer(GradientCheckpointingLayer):
+    """VSS block, pre-norm (`VSSBlock`, dino_vmamba.py:631-717): x + DropPath(SS2D(LN(x))), then
+    x + DropPath(MLP(LN(x))). Channel-last in and out."""
 
     def __init__(self, config: OpenUSConfig, stage: int, drop_path_rate: float):
         super().__init__()
@@ -210,15 +261,19 @@ class OpenUSLayer(nn.Module):
         else:
             self.norm2 = self.mlp = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
-        x = x + self.drop_path(self.mixer(self.norm(x)))
+    def attention_map(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The implicit attention map of this block's SS2D for the block input ``hidden_states (B, H, W, C)``."""
+        return self.mixer.attention_map(self.norm(hidden_states))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        hidden_states = hidden_states + self.drop_path(self.mixer(self.norm(hidden_states)))
         if self.mlp is not None:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+            hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
+        return hidden_states
 
 
 class OpenUSDownsample(nn.Module):
-    """"v3" downsampling: 3x3 stride-2 conv C -> 2C, then LayerNorm."""
+    """"v3" downsampling between stages: 3x3 stride-2 conv C -> 2C, then LayerNorm. Channel-first in and out."""
 
     def __init__(self, config: OpenUSConfig, stage: int):
         super().__init__()
@@ -226,58 +281,29 @@ class OpenUSDownsample(nn.Module):
         self.conv = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1)
         self.norm = nn.LayerNorm(2 * dim, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_conv_channels_last(self.conv, x))
-
-
-def _run_layers(owner: nn.Module, layers, x: torch.Tensor) -> torch.Tensor:
-    """Apply ``layers`` in turn, through activation checkpointing when ``owner`` has it enabled and is training."""
-    for layer in layers:
-        if owner.gradient_checkpointing and owner.training:
-            x = owner._gradient_checkpointing_func(layer.__call__, x)
-        else:
-            x = layer(x)
-    return x
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
+        hidden_states = self.norm(conv_channels_last(self.conv, hidden_states.permute(0, 2, 3, 1)))
+        return hidden_states.permute(0, 3, 1, 2)  # [B, 2C, H/2, W/2]
 
 
 class OpenUSStage(nn.Module):
+    """The VSS blocks of one stage. Returns the stage output (channel-first) and, with ``output_attentions``, the
+    implicit attention map of its last block, computed from that block's input (upstream's `return_attn` read-out)."""
+
     def __init__(self, config: OpenUSConfig, stage: int, drop_path_rates: list[float]):
         super().__init__()
         self.layers = nn.ModuleList(OpenUSLayer(config, stage, rate) for rate in drop_path_rates)
-        self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
-        return _run_layers(self, self.layers[layers], x)
-
-
-class OpenUSEncoder(nn.Module):
-    """Four stages; each stage's output is taken *before* its downsampling (spec §1.2)."""
-
-    def __init__(self, config: OpenUSConfig):
-        super().__init__()
-        rates = _drop_path_rates(config.drop_path_rate, sum(config.depths))
-        starts = [sum(config.depths[:i]) for i in range(config.num_stages)]
-        self.stages = nn.ModuleList(
-            OpenUSStage(config, i, rates[s : s + d]) for i, (s, d) in enumerate(zip(starts, config.depths))
-        )
-        self.downsamples = nn.ModuleList(OpenUSDownsample(config, i) for i in range(config.num_stages - 1))
-
-    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Stage outputs (channel-last), and with `output_attentions` the implicit attention map of the last block."""
-        outputs, attention = [], None
-        last = len(self.stages) - 1
-        for i, stage in enumerate(self.stages):
-            if output_attentions and i == last:
-                x = stage(x, slice(None, -1))
-                block = stage.layers[-1]
-                attention = block.mixer.attention_map(block.norm(x))
-                x = stage(x, slice(-1, None))
-            else:
-                x = stage(x)
-            outputs.append(x)  # [B, H_i, W_i, C_i]
-            if i < len(self.downsamples):
-                x = self.downsamples[i](x)
-        return outputs, attention
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden_states = hidden_states.permute(0, 2, 3, 1)  # [B, H, W, C]
+        attention = None
+        for index, layer in enumerate(self.layers):
+            if output_attentions and index == len(self.layers) - 1:
+                attention = layer.attention_map(hidden_states)  # [B, H*W, H*W]
+            hidden_states = layer(hidden_states)
+        return hidden_states.permute(0, 3, 1, 2), attention  # [B, C, H, W]
 
 
 class OpenUSPreTrainedModel(PreTrainedModel):
@@ -288,11 +314,14 @@ class OpenUSPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["OpenUSLayer", "OpenUSDownsample"]
+    # the first layer the pixels reach (embeddings.conv1): `get_input_embeddings`, which `enable_input_require_grads`
+    # hooks so that gradient checkpointing works with a frozen stem (PEFT)
+    _input_embed_layer = "conv1"
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Upstream initialisation: trunc_normal(0.02) linears with zero bias, LayerNorm (1, 0), PyTorch default
-        convs, Mamba "v0" for the scan parameters, zero mask token."""
+        """Upstream initialisation (dino_vmamba.py:850-857): trunc_normal(0.02) linears with zero bias, LayerNorm
+        (1, 0), PyTorch default convs, Mamba "v0" for the scan parameters, zero mask token."""
         if isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
@@ -311,6 +340,18 @@ class OpenUSPreTrainedModel(PreTrainedModel):
         elif isinstance(module, OpenUSEmbeddings) and module.mask_token is not None:
             init.zeros_(module.mask_token)
 
+    def _build_stage_norms(self, stages: list[int]) -> nn.ModuleDict:
+        """Upstream's per-stage out-norms (`outnorm{i}`, dino_vmamba.py:1740-1765) for ``stages``, keyed by stage index.
+        Every model keeps the same keys (`stage_norms.<i>`) for the norms it uses, so any saved folder loads into any
+        head; the norms a model does not use are neither built nor reported when a checkpoint has them."""
+        config = self.config
+        unused = sorted(set(range(config.num_stages)) - set(stages))
+        if unused:
+            self._keys_to_ignore_on_load_unexpected = [rf"(^|\.)stage_norms\.({'|'.join(map(str, unused))})\."]
+        return nn.ModuleDict(
+            {str(i): nn.LayerNorm(config.hidden_sizes[i], eps=config.layer_norm_eps) for i in sorted(stages)}
+        )
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
         if self._auto_class is not None and os.path.isdir(save_directory):
@@ -320,15 +361,18 @@ class OpenUSPreTrainedModel(PreTrainedModel):
 def _vendor_ops_for_remote_code(folder: str) -> None:
     """Make a saved folder's remote code self-contained: copy every ``openus_hub/ops`` module beside the modeling file
     (``openus_hub.ops.build.vendor_ops``, which also lets the copies find the CPU kernel built by openus_hub) and turn
-    ``from openus_hub.ops.x import`` into ``from .x import``, so `trust_remote_code=True` works without openus_hub."""
+    ``from openus_hub.ops.x import`` into ``from .x import`` (modeling and configuration files), so
+    `trust_remote_code=True` works without openus_hub."""
     try:
         from openus_hub.ops.build import vendor_ops
     except ImportError:  # already running as remote code: transformers copied the ops files with this one
         vendor_ops = None
     if vendor_ops is not None:
         vendor_ops(folder)
-    path = os.path.join(folder, os.path.basename(__file__))
-    if os.path.isfile(path):
+    for code_file in (os.path.basename(__file__), "configuration_openus.py"):
+        path = os.path.join(folder, code_file)
+        if not os.path.isfile(path):
+            continue
         with open(path, encoding="utf-8") as f:
             source = f.read()
         source = re.sub(r"^from openus_hub\.ops\.(\w+) import", r"from .\1 import", source, flags=re.MULTILINE)
@@ -337,164 +381,214 @@ def _vendor_ops_for_remote_code(folder: str) -> None:
         os.replace(path + ".tmp", path)
 
 
-class OpenUSModel(OpenUSPreTrainedModel):
-    """OpenUS backbone returning upstream's feature contract.
+class OpenUSEncoder(OpenUSPreTrainedModel):
+    """The stages, with a downsampling between them. Each stage's output is taken *before* its downsampling, as
+    upstream (dino_vmamba.py:1740-1765). ``hidden_states`` (recorded by transformers' output capturing) are the stem
+    output followed by the raw stage outputs, channel-first; ``attentions`` hold the last block's implicit attention
+    map when ``output_attentions`` is set."""
 
-    * ``last_hidden_state``: ``(B, 1 + H*W, C)`` last-stage tokens with their mean first (upstream ``x_out``);
-    * ``pooler_output``: ``(B, C)``, the mean of the last-stage tokens;
-    * ``hidden_states`` (with ``output_hidden_states=True``): the four out-normed stage maps ``(B, C_i, H_i, W_i)``.
+    main_input_name = "hidden_states"
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(OpenUSStage, index=0),
+        "attentions": OutputRecorder(OpenUSStage, index=1),
+    }
+
+    def __init__(self, config: OpenUSConfig):
+        super().__init__(config)
+        rates = _drop_path_rates(config.drop_path_rate, sum(config.depths))
+        starts = [sum(config.depths[:i]) for i in range(config.num_stages)]
+        self.stages = nn.ModuleList(
+            OpenUSStage(config, i, rates[s : s + d]) for i, (s, d) in enumerate(zip(starts, config.depths))
+        )
+        self.downsamples = nn.ModuleList(OpenUSDownsample(config, i) for i in range(config.num_stages - 1))
+        self.post_init()
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
+        output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
+        last = len(self.stages) - 1
+        for index, stage in enumerate(self.stages):
+            hidden_states, _ = stage(hidden_states, output_attentions=output_attentions and index == last)
+            if index < last:
+                hidden_states = self.downsamples[index](hidden_states)
+        return BaseModelOutput(last_hidden_state=hidden_states)  # the last stage's raw output, [B, C, H, W]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+@auto_docstring
+class OpenUSModel(OpenUSPreTrainedModel):
+    r"""
+    OpenUS backbone with upstream's feature contract (dino_vmamba.py:1740-1765): the last stage's out-normed tokens.
+    Only the last stage's out-norm is part of this model; `OpenUSBackbone` holds the others.
     """
 
     def __init__(self, config: OpenUSConfig):
         super().__init__(config)
         self.embeddings = OpenUSEmbeddings(config)
         self.encoder = OpenUSEncoder(config)
-        self.stage_norms = nn.ModuleList(nn.LayerNorm(c, eps=config.layer_norm_eps) for c in config.hidden_sizes)
+        self.stage_norms = self._build_stage_norms([config.num_stages - 1])
         self.post_init()
 
-    def _check_input(self, pixel_values: torch.Tensor) -> None:
-        stride = self.config.output_stride
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must be (batch, {self.config.num_channels}, height, width), got "
-                f"{tuple(pixel_values.shape)}; replicate grayscale images to {self.config.num_channels} channels "
-                "(the OpenUS image processor does this)"
-            )
-        h, w = pixel_values.shape[-2:]
-        if h % stride or w % stride:
-            raise ValueError(
-                f"OpenUS needs input sides that are multiples of {stride}, got {h}x{w}; resize or pad the image "
-                f"(e.g. to {max(stride, round(h / stride) * stride)}x{max(stride, round(w / stride) * stride)})"
-            )
-
-    def _encode(
-        self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: torch.Tensor | None,
-        stages: list[int] | None,
-        output_attentions: bool = False,
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        self._check_input(pixel_values)
-        x = self.embeddings(pixel_values.to(self.embeddings.conv1.weight.dtype), bool_masked_pos)
-        outputs, attention = self.encoder(x, output_attentions)
-        stages = range(len(outputs)) if stages is None else stages
-        return [self.stage_norms[i](outputs[i]) for i in stages], attention
-
-    def stage_features(
-        self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: torch.Tensor | None = None,
-        stages: list[int] | None = None,
-    ) -> list[torch.Tensor]:
-        """Out-normed stage maps, channel-last ``(B, H_i, W_i, C_i)``: all four, or those listed in ``stages``."""
-        return self._encode(pixel_values, bool_masked_pos, stages)[0]
-
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
         r"""
-        Args:
-            pixel_values (`torch.Tensor` of shape `(batch, 3, height, width)`): sides must be multiples of 32.
-            bool_masked_pos (`torch.BoolTensor` of shape `(batch, height / 32, width / 32)`, *optional*):
-                cells whose stage-0 features are replaced by the mask token (needs `config.use_mask_token`).
-            output_hidden_states (`bool`, *optional*): also return the four out-normed stage maps.
-            output_attentions (`bool`, *optional*): also return the implicit attention map of the last block,
-                `(batch, L, L)` over the last stage's `L` positions in row-major order: the four scan directions'
-                "CwBw" attention (spec §1.8), summed, *not* normalised. Upstream OpenUS min-max normalises it over the
-                whole batch before use (`openus_hub.ops.minmax_normalize`).
-        """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        last = self.config.num_stages - 1
-        maps, attention = self._encode(
-            pixel_values, bool_masked_pos, None if output_hidden_states else [last], bool(output_attentions)
-        )
-        tokens = maps[-1].flatten(1, 2)  # [B, H*W, C] row-major
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Input images; both sides must be multiples of `config.output_stride` (32).
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, height / 32, width / 32)`, *optional*):
+            Cells whose stage-1 features are replaced by the mask token (needs `config.use_mask_token`), as in OpenUS
+            pretraining.
+
+        Returns:
+            `last_hidden_state` `(batch, 1 + H*W, C)`: the last stage's out-normed tokens (row-major) with their mean
+            first, upstream's `x_out`; `pooler_output` `(batch, C)`: that mean; `hidden_states` (with
+            `output_hidden_states`): the stem output and the raw (un-normed) output of each stage, `(batch, C_i,
+            H_i, W_i)`; `attentions` (with `output_attentions`): one `(batch, L, L)` map, the implicit attention of
+            the last block over the last stage's `L` positions in row-major order, the four scan directions' "CwBw"
+            attention summed and *not* normalised (upstream min-max normalises it over the whole batch before use:
+            `openus_hub.ops.minmax_normalize`).
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from openus_hub import OpenUSConfig, OpenUSModel
+
+        >>> model = OpenUSModel(OpenUSConfig.from_preset("openus-tiny")).eval()
+        >>> outputs = model(torch.randn(1, 3, 224, 224))
+        >>> outputs.last_hidden_state.shape, outputs.pooler_output.shape
+        (torch.Size([1, 50, 768]), torch.Size([1, 768]))
+        ```"""
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        embedding_output = self.embeddings(pixel_values, bool_masked_pos)  # [B, C, H/4, W/4]
+        encoder_outputs = self.encoder(embedding_output, return_dict=True, **kwargs)
+        last_stage = encoder_outputs.last_hidden_state.permute(0, 2, 3, 1)  # [B, h, w, C]
+        tokens = self.stage_norms[str(self.config.num_stages - 1)](last_stage).flatten(1, 2)  # [B, h*w, C] row-major
         pooled = tokens.mean(dim=1)  # [B, C]
-        last_hidden_state = torch.cat([pooled[:, None], tokens], dim=1)  # [B, 1+H*W, C]
-        hidden_states = tuple(m.permute(0, 3, 1, 2) for m in maps) if output_hidden_states else None
-        attentions = (attention,) if attention is not None else None
-        if not return_dict:
-            return tuple(v for v in (last_hidden_state, pooled, hidden_states, attentions) if v is not None)
         return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=hidden_states,
-            attentions=attentions,
+            last_hidden_state=torch.cat([pooled[:, None], tokens], dim=1),  # [B, 1+h*w, C]
+            pooler_output=pooled,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
         )
 
 
+@auto_docstring(
+    custom_intro="""
+    OpenUS with a linear classifier on the pooled (mean) last-stage feature, as upstream's linear probe
+    (`eval_linear.py`).
+    """
+)
 class OpenUSForImageClassification(OpenUSPreTrainedModel):
-    """OpenUS with a linear classifier on the pooled (mean) last-stage feature, as upstream's linear probe (§3.1)."""
+    accepts_loss_kwargs = False
 
     def __init__(self, config: OpenUSConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.openus = OpenUSModel(config)
-        self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = (
+            nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutputWithNoAttention | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.openus(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutputWithNoAttention:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Labels for computing the image classification/regression loss. Indices should be in `[0, ...,
+            config.num_labels - 1]`. If `config.num_labels == 1` a regression loss is computed (Mean-Square loss), If
+            `config.num_labels > 1` a classification loss is computed (Cross-Entropy).
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from openus_hub import OpenUSConfig, OpenUSForImageClassification
+
+        >>> model = OpenUSForImageClassification(OpenUSConfig.from_preset("openus-tiny", num_labels=3)).eval()
+        >>> model(torch.randn(1, 3, 224, 224)).logits.shape
+        torch.Size([1, 3])
+        ```"""
+        outputs = self.openus(pixel_values, **kwargs)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        if not return_dict:
-            out = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
+@auto_docstring(
+    custom_intro="""
+    OpenUS as a transformers backbone, for dense heads (UperNet, DPT, ...): upstream's out-normed stage maps
+    (`Backbone_VSSM`'s `outnorm{i}`) for the stages in `config.out_features` (default: the last stage, the
+    transformers convention). `"stem"` gives the stem output, which ends in its own LayerNorm.
+    """
+)
 class OpenUSBackbone(BackboneMixin, OpenUSPreTrainedModel):
-    """OpenUS as a transformers backbone: out-normed stage maps for dense heads (UperNet, DPT, ...)."""
-
     has_attentions = False
 
     def __init__(self, config: OpenUSConfig):
         super().__init__(config)
-        self.openus = OpenUSModel(config)
+        self.embeddings = OpenUSEmbeddings(config)
+        self.encoder = OpenUSEncoder(config)
         self.num_features = [config.embed_dim] + config.hidden_sizes
+        stages = [self.stage_names.index(name) - 1 for name in self.out_features if name != "stem"]
+        self.stage_norms = self._build_stage_norms(stages)
         self.post_init()
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BackboneOutput | tuple:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+    @can_return_tuple
+    @filter_output_hidden_states
+    @auto_docstring
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+        r"""
+        Returns:
+            `feature_maps`: one `(batch, C_i, H_i, W_i)` map per entry of `config.out_features`, out-normed;
+            `hidden_states` (with `output_hidden_states`): as `OpenUSModel`'s, the stem output and the raw stage
+            outputs.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from openus_hub import OpenUSBackbone, OpenUSConfig
+
+        >>> config = OpenUSConfig.from_preset("openus-tiny", out_features=["stage1", "stage2", "stage3", "stage4"])
+        >>> maps = OpenUSBackbone(config).eval()(torch.randn(1, 3, 224, 224)).feature_maps
+        >>> [tuple(m.shape) for m in maps]
+        [(1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
+        ```"""
+        embedding_output = self.embeddings(pixel_values)
+        encoder_outputs = self.encoder(embedding_output, return_dict=True, **kwargs)
+        hidden_states = encoder_outputs.hidden_states  # stem, stage 1..S: [B, C_i, H_i, W_i]
+        feature_maps = []
+        for index, (name, hidden_state) in enumerate(zip(self.stage_names, hidden_states)):
+            if name in self.out_features:
+                if index > 0:
+                    norm = self.stage_norms[str(index - 1)]
+                    hidden_state = norm(hidden_state.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                feature_maps.append(hidden_state)
+        return BackboneOutput(
+            feature_maps=tuple(feature_maps), hidden_states=hidden_states, attentions=encoder_outputs.attentions
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        maps = [m.permute(0, 3, 1, 2) for m in self.openus.stage_features(pixel_values)]
-        by_name = dict(zip(self.stage_names[1:], maps))
-        if "stem" in self.out_features:
-            raise ValueError("OpenUSBackbone has no 'stem' output; use out_features among stage1..stage4")
-        feature_maps = tuple(by_name[name] for name in self.out_features)
-        hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=None)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Segmentation: upstream's MambaDecoder head (spec §3.2), channel-last throughout
+# Segmentation: upstream's MambaDecoder head (`MambaDecoder.py:151-280`), channel-last throughout
 
 
 class OpenUSPatchExpand(nn.Module):
@@ -506,12 +600,12 @@ class OpenUSPatchExpand(nn.Module):
         self.expand = nn.Linear(dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(dim // 2, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = x.shape
-        x = self.expand(x)  # [B, H, W, 2C]
-        x = x.view(batch, height, width, 2, 2, -1)  # [B, H, W, p1, p2, C/2]
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, 2 * height, 2 * width, -1)  # [B, 2H, 2W, C/2]
-        return self.norm(x)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = hidden_states.shape
+        hidden_states = self.expand(hidden_states)  # [B, H, W, 2C]
+        hidden_states = hidden_states.view(batch, height, width, 2, 2, -1)  # [B, H, W, p1, p2, C/2]
+        hidden_states = hidden_states.permute(0, 1, 3, 2, 4, 5).reshape(batch, 2 * height, 2 * width, -1)
+        return self.norm(hidden_states)  # [B, 2H, 2W, C/2]
 
 
 class OpenUSUpsampleExpand(nn.Module):
@@ -522,8 +616,8 @@ class OpenUSUpsampleExpand(nn.Module):
         self.linear = nn.Linear(dim, dim // 2, bias=False)
         self.norm = nn.LayerNorm(dim // 2, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_bilinear_channels_last(self.linear(x), scale_factor=2))  # [B, 2H, 2W, C/2]
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(_bilinear_channels_last(self.linear(hidden_states), scale_factor=2))  # [B, 2H, 2W, C/2]
 
 
 class OpenUSFinalUpsample(nn.Module):
@@ -536,14 +630,15 @@ class OpenUSFinalUpsample(nn.Module):
         self.linear2 = nn.Linear(dim, dim, bias=False)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for linear in (self.linear1, self.linear2):
-            x = _bilinear_channels_last(linear(x), scale_factor=2)  # [B, 2H, 2W, C]
-        return self.norm(x)  # [B, 4H, 4W, C]
+            hidden_states = _bilinear_channels_last(linear(hidden_states), scale_factor=2)  # [B, 2H, 2W, C]
+        return self.norm(hidden_states)  # [B, 4H, 4W, C]
 
 
 class OpenUSChannelAttention(nn.Module):
-    """x * sigmoid(fc(avgpool x) + fc(maxpool x)), fc = 1x1 conv C -> C/squeeze, SiLU, 1x1 conv back (no biases)."""
+    """x * sigmoid(fc(avgpool x) + fc(maxpool x)), fc = 1x1 conv C -> C/squeeze, SiLU, 1x1 conv back (no biases)
+    (dino_vmamba.py:1025-1057)."""
 
     def __init__(self, dim: int, squeeze: int):
         super().__init__()
@@ -552,11 +647,11 @@ class OpenUSChannelAttention(nn.Module):
         self.act = nn.SiLU()
         self.fc2 = nn.Conv2d(hidden, dim, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
-        avg = x.mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
-        peak = x.amax(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
+        avg = hidden_states.mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+        peak = hidden_states.amax(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
         attn = self.fc2(self.act(self.fc1(avg))) + self.fc2(self.act(self.fc1(peak)))
-        return x * torch.sigmoid(attn)
+        return hidden_states * torch.sigmoid(attn)
 
 
 class OpenUSConvAttentionBlock(nn.Module):
@@ -570,12 +665,12 @@ class OpenUSConvAttentionBlock(nn.Module):
         self.conv2 = nn.Conv2d(hidden, dim, 3, padding=1)
         self.attention = OpenUSChannelAttention(dim, config.decoder_ca_squeeze)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(self.conv2(self.act(self.conv1(x))))
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.attention(self.conv2(self.act(self.conv1(hidden_states))))
 
 
-class OpenUSDecoderLayer(nn.Module):
-    """Upstream's CVSSDecoderBlock, channel-last:
+class OpenUSDecoderLayer(GradientCheckpointingLayer):
+    """Upstream's CVSSDecoderBlock (dino_vmamba.py:1060-1105), channel-last:
     ``x = scale1 * x + DropPath(SS2D(LN(x)))``, then ``x = CAB(LN(x)) + scale2 * x``.
     Its SS2D has d_state 4 (``decoder_d_state``), GELU after a depth-wise conv *with* bias, and rank ceil(C/16)."""
 
@@ -592,10 +687,10 @@ class OpenUSDecoderLayer(nn.Module):
         self.conv_attention = OpenUSConvAttentionBlock(config, dim)
         self.scale2 = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
-        x = x * self.scale1 + self.drop_path(self.mixer(self.norm1(x)))
-        y = self.conv_attention(self.norm2(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, H, W, C]
-        return y + x * self.scale2
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        hidden_states = hidden_states * self.scale1 + self.drop_path(self.mixer(self.norm1(hidden_states)))
+        attended = self.conv_attention(self.norm2(hidden_states).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return attended + hidden_states * self.scale2  # [B, H, W, C]
 
 
 class OpenUSDecoderStage(nn.Module):
@@ -606,15 +701,15 @@ class OpenUSDecoderStage(nn.Module):
         dim = config.decoder_hidden_sizes[level]
         self.layers = nn.ModuleList(OpenUSDecoderLayer(config, dim, rate) for rate in drop_path_rates)
         self.upsample = OpenUSUpsampleExpand(config, dim) if level > 0 else None
-        self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
-        x = _run_layers(self, self.layers[layers], x)
-        return self.upsample(x) if self.upsample is not None else x
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return self.upsample(hidden_states) if self.upsample is not None else hidden_states
 
 
 class OpenUSMambaDecoder(nn.Module):
-    """Upstream's MambaDecoder (spec §3.2) for S backbone stages, channel-last:
+    """Upstream's MambaDecoder (MambaDecoder.py:151-280) for S backbone stages, channel-last:
 
     * ``patch_expand`` (upstream ``layers_up.0``): the last stage map -> twice the resolution, half the width;
     * ``stages[j]`` (upstream ``layers_up.{j+1}``) at level ``l = S-2-j``: add backbone stage ``l`` (after resizing
@@ -639,14 +734,14 @@ class OpenUSMambaDecoder(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """``features``: the S out-normed backbone stage maps, channel-last ``(B, H_i, W_i, C_i)``.
         Returns logits ``(B, num_labels, 4 * H_0, 4 * W_0)``."""
-        y = self.patch_expand(features[-1])  # [B, 2H, 2W, C/2]
+        hidden_states = self.patch_expand(features[-1])  # [B, 2H, 2W, C/2]
         for j, stage in enumerate(self.stages):
             skip = features[len(features) - 2 - j]  # [B, H_l, W_l, C_l]
-            if y.shape[1:3] != skip.shape[1:3]:
-                y = _bilinear_channels_last(y, size=skip.shape[1:3])
-            y = stage(y + skip)
-        y = self.final_upsample(self.norm(y))  # [B, 4H_0, 4W_0, C_0]
-        return self.classifier(y.permute(0, 3, 1, 2))  # [B, num_labels, 4H_0, 4W_0]
+            if hidden_states.shape[1:3] != skip.shape[1:3]:
+                hidden_states = _bilinear_channels_last(hidden_states, size=skip.shape[1:3])
+            hidden_states = stage(hidden_states + skip)
+        hidden_states = self.final_upsample(self.norm(hidden_states))  # [B, 4H_0, 4W_0, C_0]
+        return self.classifier(hidden_states.permute(0, 3, 1, 2))  # [B, num_labels, 4H_0, 4W_0]
 
 
 def soft_dice_loss(
@@ -672,23 +767,27 @@ def soft_dice_loss(
     return 1.0 - ((2.0 * inter + eps) / (denom + eps)).mean()
 
 
-class OpenUSForSemanticSegmentation(OpenUSPreTrainedModel):
-    """OpenUS backbone + upstream's MambaDecoder head (spec §3.2), as in OpenUS's ``eval_segmentation.py``.
-
-    ``logits`` are ``(B, num_labels, H, W)`` at the input resolution. With ``labels (B, H, W)`` the loss is
-    cross-entropy ignoring ``config.loss_ignore_index`` (255), as upstream (binary cross-entropy on the valid pixels
-    when ``num_labels == 1``), plus ``dice_loss_weight`` x soft Dice when ``config.use_dice_loss``. Labels of another
-    size than the logits are compared with the logits resized to them (bilinear), as transformers' SegFormer does.
+@auto_docstring(
+    custom_intro="""
+    OpenUS backbone (all stages, out-normed) + upstream's MambaDecoder head, as in OpenUS's `eval_segmentation.py`.
+    `logits` are `(batch, num_labels, height, width)` at the input resolution.
     """
-
+)
+class OpenUSForSemanticSegmentation(OpenUSPreTrainedModel):
     _no_split_modules = ["OpenUSLayer", "OpenUSDownsample", "OpenUSDecoderLayer"]
 
     def __init__(self, config: OpenUSConfig):
+        every_stage = list(range(1, config.num_stages + 1))
+        if config.out_indices != every_stage:
+            # the decoder reads every stage, so its backbone returns them all: a copy of the config says so (the
+            # caller's config is left as it was)
+            config = copy.deepcopy(config)
+            config.out_indices = every_stage
         super().__init__(config)
         if config.num_labels < 1:
             raise ValueError(f"OpenUSForSemanticSegmentation needs num_labels >= 1, got {config.num_labels}")
         self.num_labels = config.num_labels
-        self.openus = OpenUSModel(config)
+        self.openus = OpenUSBackbone(config)
         self.decoder = OpenUSMambaDecoder(config)
         self.post_init()
 
@@ -710,7 +809,11 @@ class OpenUSForSemanticSegmentation(OpenUSPreTrainedModel):
             init.ones_(module.scale2)
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Segmentation loss of ``logits (B, K, h, w)`` against ``labels (B, H, W)`` (see the class docstring)."""
+        """Segmentation loss of ``logits (B, K, h, w)`` against ``labels (B, H, W)``: cross-entropy ignoring
+        ``config.loss_ignore_index`` (255), as upstream (binary cross-entropy on the valid pixels when
+        ``num_labels == 1``), plus ``dice_loss_weight`` x soft Dice when ``config.use_dice_loss``. Labels of another
+        size than the logits are compared with the logits resized to them (bilinear), as transformers' SegFormer
+        does."""
         if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
             raise ValueError(f"labels must be (batch, height, width) with batch {logits.shape[0]}, got "
                              f"{tuple(labels.shape)}")
@@ -731,36 +834,44 @@ class OpenUSForSemanticSegmentation(OpenUSPreTrainedModel):
             loss = loss + self.config.dice_loss_weight * soft_dice_loss(logits, labels, ignore)
         return loss
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SemanticSegmenterOutput:
         r"""
-        pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`):
-            Sides must be multiples of `config.output_stride` (32).
-        labels (`torch.LongTensor` of shape `(batch, height, width)`, *optional*):
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Input images; both sides must be multiples of `config.output_stride` (32).
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             Class index per pixel; `config.loss_ignore_index` (255) marks pixels left out of the loss.
-        output_hidden_states (`bool`, *optional*):
-            Also return the backbone's out-normed stage maps, channel-first `(batch, C_i, H_i, W_i)`.
-        """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        features = self.openus.stage_features(pixel_values)  # S x [B, H_i, W_i, C_i]
+
+        Returns:
+            `logits`, `loss` (with `labels`), and with `output_hidden_states` the backbone's `hidden_states` (the
+            stem output and the raw stage outputs, as `OpenUSModel`'s). The out-normed stage maps the decoder reads
+            are `model.openus(pixel_values).feature_maps`.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from openus_hub import OpenUSConfig, OpenUSForSemanticSegmentation
+
+        >>> model = OpenUSForSemanticSegmentation(OpenUSConfig.from_preset("openus-tiny")).eval()
+        >>> model(torch.randn(1, 3, 224, 224)).logits.shape
+        torch.Size([1, 2, 224, 224])
+        ```"""
+        outputs = self.openus(pixel_values, **kwargs)
+        features = [m.permute(0, 2, 3, 1) for m in outputs.feature_maps]  # S x [B, H_i, W_i, C_i]
         logits = self.decoder(features)  # [B, K, 4H_0, 4W_0]
         if logits.shape[-2:] != pixel_values.shape[-2:]:  # upstream's resize to the input; a no-op for valid sizes
             logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         loss = self.compute_loss(logits, labels) if labels is not None else None
-        hidden_states = tuple(f.permute(0, 3, 1, 2) for f in features) if output_hidden_states else None
-        if not return_dict:
-            out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=None)
+        return SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 __all__ = [
