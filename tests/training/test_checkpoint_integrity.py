@@ -300,6 +300,15 @@ def test_checksum_file_is_sha256sum_format_with_run_and_step(tmp_path):
     if HAS_SHA256SUM:
         assert _sha256sum_ok(tmp_path, path.name)
     assert load_checkpoint(path)["step"] == 7
+    # a checkpoint without one (an older version's) is refused; the error says how to vouch for it
+    from training.common.checkpoint import select_checkpoint
+
+    (tmp_path / "old").mkdir()
+    torch.save({"step": 8}, tmp_path / "old" / "checkpoint_00000008.pth")
+    with pytest.raises(CheckpointError) as err:
+        select_checkpoint("auto", [tmp_path / "old" / "checkpoint_00000008.pth"])
+    msg = str(err.value)
+    assert "\n" not in msg and "no checksum file" in msg and "sha256sum FILE > FILE.sha256" in msg, msg
 
 
 def test_prune_touches_only_this_runs_checkpoints(tmp_path):

@@ -371,9 +371,11 @@ def select_checkpoint(resume: str | os.PathLike | None, candidates: Iterable[Pat
         return path, state, skipped
     if skipped:
         folder = candidates[0].parent
+        vouch = ("; to vouch for a checkpoint you trust that has none: sha256sum FILE > FILE.sha256"
+                 if any("no checksum file" in reason for reason in skipped) else "")
         raise CheckpointError(f"--resume auto: no checkpoint in {folder} can be used ({'; '.join(skipped)}); "
                               "restore one (a checkpoint whose sha256 matches its .sha256 file), or start afresh "
-                              "with --overwrite")
+                              f"with --overwrite{vouch}")
     return None, None, []
 
 
