@@ -435,7 +435,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
     bs = dcfg["batch_size_per_gpu"]
     per_epoch = math.ceil(math.ceil(len(train_ds) / world) / bs)
     max_steps = tcfg["max_steps"]
-    t0 = time.time()
+    t0, first_step = time.time(), step
     stopped = max_steps is not None and step >= max_steps
     epoch = start_epoch
     planned = tcfg["epochs"] * per_epoch if max_steps is None else min(max_steps, tcfg["epochs"] * per_epoch)
@@ -520,7 +520,8 @@ def train(task: str, args: argparse.Namespace) -> dict:
             next_steps.append(f"openus-hub push {result['export_dir']} --repo-id ORG/NAME --dry-run")
         next_steps.append(f"python -m training.evaluate summarize {out_dir} [more runs] --output-dir SUMMARY_DIR"
                           + (f" --card {result['export_dir']}" if "export_dir" in result else ""))
-        finish(logger, f"{step} steps in {time.time() - t0:.1f} s: " + ", ".join(wrote), next_steps)
+        finish(logger, f"{step - first_step} steps (to step {step}) in {time.time() - t0:.1f} s: " + ", ".join(wrote),
+               next_steps)
     du.barrier()
     return result
 

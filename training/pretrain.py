@@ -450,7 +450,7 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
     bar = progress_bar(max_steps, "pretrain", initial=step, enabled=rank == 0 and cfg["log"]["progress_bar"])
     last_good = resume_path
 
-    t0 = time.time()
+    t0, first_step = time.time(), step
     while step < max_steps:
         epoch, start = divmod(step, niter)
         dataset.set_epoch(epoch)
@@ -528,7 +528,8 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
         tb.close()
     if rank == 0:
         figures = out_dir / "figures"
-        finish(logger, f"{step} pretraining steps in {time.time() - t0:.1f} s: checkpoint {last_good}, "
+        finish(logger, f"{step - first_step} pretraining steps (to step {step}) in {time.time() - t0:.1f} s: "
+                       f"checkpoint {last_good}, "
                        f"{out_dir / 'log.jsonl'}, {out_dir / 'config.yaml'}"
                        + (f", figures in {figures}" if figures.is_dir() else ""),
                f"python -m training.export_pretrained {last_good} --output-dir {out_dir / 'exported'}")
