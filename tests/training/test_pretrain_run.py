@@ -211,3 +211,11 @@ def test_quickstart_produces_its_files(tmp_path, caplog):
     before = (tmp_path / "exported" / "model.safetensors").read_bytes()
     assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4"]) == 2
     assert (tmp_path / "exported" / "model.safetensors").read_bytes() == before
+    # --overwrite replaces only a quickstart's own files: one of the user's inside run/ stops it, named, untouched
+    (tmp_path / "run" / "checkpoints" / "notes.txt").write_text("mine")
+    assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4", "--overwrite"]) == 2
+    assert (tmp_path / "run" / "checkpoints" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "exported" / "model.safetensors").read_bytes() == before
+    (tmp_path / "run" / "checkpoints" / "notes.txt").unlink()
+    assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4", "--overwrite"]) == 0
+    assert (tmp_path / "exported" / "model.safetensors").is_file()

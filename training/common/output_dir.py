@@ -22,14 +22,18 @@ from pathlib import Path
 from .checkpoint import TEMP_PATTERN, atomic_write_text
 from .config import ConfigError
 
-__all__ = ["DISTILL_FILES", "DOWNSTREAM_FILES", "PRETRAIN_FILES", "RunFiles", "keep_log_records",
+__all__ = ["DISTILL_FILES", "DOWNSTREAM_FILES", "PRETRAIN_FILES", "QUICKSTART_FILES", "RunFiles", "keep_log_records",
            "prepare_output_dir"]
 
 _CKPT = ("checkpoints/checkpoint_*.pth", "checkpoints/checkpoint_*.pth.sha256")
-# save_pretrained of an OpenUS model: weights, configs, card and the modeling sources copied for trust_remote_code
-_MODEL = ("model/config.json", "model/preprocessor_config.json", "model/model.safetensors",
-          "model/model-*-of-*.safetensors", "model/model.safetensors.index.json", "model/README.md", "model/*.py",
-          "model/csrc/*")
+
+
+def _model(folder: str) -> tuple[str, ...]:
+    """save_pretrained of an OpenUS model into ``folder``: weights, configs, card and the modeling sources copied
+    beside it for trust_remote_code."""
+    return tuple(f"{folder}/{name}" for name in (
+        "config.json", "preprocessor_config.json", "model.safetensors", "model-*-of-*.safetensors",
+        "model.safetensors.index.json", "README.md", "*.py", "csrc/*"))
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class RunFiles:
     job: str
     files: tuple[str, ...]
     folders: tuple[str, ...]
+    resumable: bool = True  # the job takes --resume
 
     def owns(self, rel: str) -> bool:
         parts = rel.split("/")
@@ -65,8 +70,16 @@ DISTILL_FILES = RunFiles("training.distill",
                          ("checkpoints", "figures"))
 DOWNSTREAM_FILES = RunFiles("training.linear_probe / training.finetune_segmentation",
                             ("config.yaml", "log.jsonl", "eval_test.json", "export_card.json", *_CKPT,
-                             "figures/test_overlays.png", *_MODEL),
+                             "figures/test_overlays.png", *_model("model")),
                             ("checkpoints", "figures", "model", "model/csrc"))
+# the quickstart: frames + manifest, a pretraining run in run/, its export, the similarity figure and the embeddings
+# file its closing line suggests writing there
+QUICKSTART_FILES = RunFiles("training.quickstart",
+                            ("manifest.txt", "frame_similarity.png", "embeddings.npz", "frames/frame_*.png",
+                             *(f"run/{p}" for p in PRETRAIN_FILES.files), *_model("exported")),
+                            ("frames", "run", *(f"run/{d}" for d in PRETRAIN_FILES.folders), "exported",
+                             "exported/csrc"),
+                            resumable=False)
 
 
 def _entries(folder: Path) -> tuple[list[str], list[str]]:
@@ -94,7 +107,7 @@ def prepare_output_dir(out_dir: str | Path, layout: RunFiles, *, resume: bool, o
     """Apply the module's rule to ``out_dir`` before a job writes anything; returns the files deleted (relative
     paths). Raises a one-line :class:`ConfigError` naming the folder and the fix."""
     out_dir = Path(out_dir)
-    if resume and overwrite:
+    if resume and overwrite:  # (only resumable jobs pass resume=True)
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in "
                           f"{out_dir}, --overwrite replaces it; pass one of them")
     if out_dir.exists() and not out_dir.is_dir():
@@ -111,8 +124,9 @@ def prepare_output_dir(out_dir: str | Path, layout: RunFiles, *, resume: bool, o
         if not ours:
             raise ConfigError(f"--output-dir {out_dir} is not empty (it holds {holds}) and holds no files of "
                               f"{layout.job}: choose a new or empty folder")
-        raise ConfigError(f"--output-dir {out_dir} is not empty (it holds {holds}): pass --resume auto to continue "
-                          f"the run there, --overwrite to replace a previous run's files, or choose a new folder")
+        resume_hint = "--resume auto to continue the run there, " if layout.resumable else ""
+        raise ConfigError(f"--output-dir {out_dir} is not empty (it holds {holds}): pass {resume_hint}--overwrite to "
+                          "replace a previous run's files, or choose a new folder")
     if foreign:
         raise ConfigError(f"--output-dir {out_dir} holds files that {layout.job} does not write ({_shown(foreign)}); "
                           "--overwrite replaces only a previous run's files: move those away or choose a new folder")
