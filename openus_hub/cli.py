@@ -1,4 +1,4 @@
-"""Command line: ``openus-hub embed INPUTS... --model DIR --output FILE``.
+"""Command line: ``openus-hub embed INPUTS... --model DIR --output FILE`` (also ``push``, ``export-onnx``).
 
 Exit codes: 0 every input embedded; 1 some inputs were skipped (the others are written, the summary says why);
 2 nothing was done (bad arguments, or an existing output that would be clobbered without ``--overwrite``).
@@ -140,17 +140,31 @@ def _embed(args: argparse.Namespace) -> int:
         files.remove(out_path.resolve())
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(args.model)
-    model = getattr(model, "base_model", model).to(device).eval()
-    folder = Path(args.model)
-    if (folder / "preprocessor_config.json").is_file():
-        processor = AutoImageProcessor.from_pretrained(str(folder))
-    else:
-        from .models.openus import OpenUSImageProcessor
+    if str(args.model).endswith(".onnx"):  # an exported graph, run in ONNX Runtime with the processor beside it
+        from .onnx import ORTModel
 
-        processor = OpenUSImageProcessor()
-        logger.info("no preprocessor_config.json in %s: using OpenUSImageProcessor defaults", folder)
-    fingerprint = _model_fingerprint(model)
+        try:
+            model = ORTModel.from_pretrained(args.model)
+        except (ImportError, OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if model.task != "feature-extraction":
+            print(f"error: {args.model} is a {model.task} export; embed needs one exported with --task "
+                  "feature-extraction", file=sys.stderr)
+            return 2
+        processor, fingerprint = model.processor, model.fingerprint()
+    else:
+        model = AutoModel.from_pretrained(args.model)
+        model = getattr(model, "base_model", model).to(device).eval()
+        folder = Path(args.model)
+        if (folder / "preprocessor_config.json").is_file():
+            processor = AutoImageProcessor.from_pretrained(str(folder))
+        else:
+            from .models.openus import OpenUSImageProcessor
+
+            processor = OpenUSImageProcessor()
+            logger.info("no preprocessor_config.json in %s: using OpenUSImageProcessor defaults", folder)
+        fingerprint = _model_fingerprint(model)
     meta = {
         "format_version": FORMAT_VERSION,
         "model": str(args.model),
@@ -258,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded, 1 some inputs skipped, 2 nothing done.",
     )
     embed.add_argument("inputs", nargs="+", help="files and/or folders")
-    embed.add_argument("--model", required=True, help="OpenUS model folder (or hub id, when online)")
+    embed.add_argument("--model", required=True,
+                       help="OpenUS model folder (or hub id, when online), or a feature-extraction .onnx export")
     embed.add_argument("--output", required=True, help="output file, .npz (or .parquet with openus_hub[parquet])")
     embed.add_argument("--batch-size", type=int, default=8)
     embed.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -271,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     embed.set_defaults(func=_embed)
     from .hub import add_push_subcommand
+    from .onnx.cli import add_export_onnx_subcommand
 
     add_push_subcommand(sub)
+    add_export_onnx_subcommand(sub)
     return parser
 
 

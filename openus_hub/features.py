@@ -94,6 +94,10 @@ def expand_input(
 
 
 def _resolve_model(model: Any, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):  # an exported graph: ONNX Runtime
+        from .onnx import ORTModel
+
+        return ORTModel.from_pretrained(model)
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModel
 
@@ -105,6 +109,8 @@ def _resolve_model(model: Any, dtype: torch.dtype | None = None) -> torch.nn.Mod
 def _resolve_processor(model: torch.nn.Module, processor: Any) -> Any:
     if processor is not None:
         return processor
+    if getattr(model, "processor", None) is not None:  # ORTModel: the processor saved beside the .onnx
+        return model.processor
     from .models.openus.image_processing_openus import OpenUSImageProcessor
 
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
@@ -133,8 +139,8 @@ def embed_items(
     return_stage_maps: bool = True,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Run already-expanded items through processor + model in batches on the model's device; CPU float32 out."""
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    param = next(model.parameters()) if hasattr(model, "parameters") else None  # no parameters: an ORTModel
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
     pooled, maps = [], [[] for _ in range(4)] if return_stage_maps else None
     for batch in batched(list(items), batch_size):
         # cropping and frame selection already happened in expand_input
@@ -163,8 +169,10 @@ def extract_features(
     """Pooled embeddings and per-stage feature maps of images, DICOM files and cine loops.
 
     Args:
-        model: an ``OpenUSModel`` (or any OpenUS head model: its backbone is used), or a folder / hub id to load with
-            ``AutoModel``. Inputs go to the model's device and dtype; outputs come back as float32 on CPU.
+        model: an ``OpenUSModel`` (or any OpenUS head model: its backbone is used), a folder / hub id to load with
+            ``AutoModel``, or an exported feature-extraction ``.onnx`` file / :class:`~openus_hub.onnx.ORTModel` (run
+            in ONNX Runtime; stage maps need an export with ``stage_maps=True``). Inputs go to the model's device and
+            dtype; outputs come back as float32 on CPU.
         inputs: one input or a list: PIL images, numpy arrays / tensors (HxW, HxWxC, CxHxW), image or DICOM file
             paths, pydicom Datasets, or :class:`~openus_hub.io.DicomImage`. A cine loop contributes one row per
             selected frame.

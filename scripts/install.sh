@@ -15,17 +15,20 @@ start=$SECONDS
 step() { printf '\n==> [%s] %s\n' "$1" "$2"; }
 
 if [ ! -x .venv/bin/python ]; then
-  step 1/4 "creating .venv with $(python3 --version)"
+  step 1/5 "creating .venv with $(python3 --version)"
   python3 -m venv .venv
 else
-  step 1/4 "using the existing .venv ($(.venv/bin/python --version))"
+  step 1/5 "using the existing .venv ($(.venv/bin/python --version))"
 fi
-step 2/4 "upgrading pip"
+step 2/5 "upgrading pip"
 .venv/bin/pip install --upgrade --progress-bar on pip
-step 3/4 "torch 2.14.1 + torchvision 0.29.1 (CUDA build, runs on CPU too): ~3 GB of wheels, ~5.5 GB installed"
+step 3/5 "torch 2.14.1 + torchvision 0.29.1 (CUDA build, runs on CPU too): ~3 GB of wheels, ~5.5 GB installed"
 .venv/bin/pip install --progress-bar on "torch==2.14.1" "torchvision==0.29.1"
-step 4/4 "openus_hub (editable) with the test, timm and plot extras: ~0.5 GB installed"
+step 4/5 "openus_hub (editable) with the test, timm and plot extras: ~0.5 GB installed"
 .venv/bin/pip install --progress-bar on -e ".[test,timm,plot]"
+step 5/5 "building the CPU scan kernel (a second or two, once per machine, shared by every venv)"
+# Without a C++ compiler this prints the fix, and openus_hub falls back to the PyTorch scan.
+.venv/bin/python -m openus_hub.ops.build || true
 
 printf '\n==> done in %d s: .venv holds %s\n' "$((SECONDS - start))" "$(du -sh .venv 2>/dev/null | cut -f1)"
 printf 'next: .venv/bin/python -m training.quickstart --output-dir quickstart_out   # the main job\n'

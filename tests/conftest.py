@@ -10,6 +10,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without CUDA the Triton scan tests run on Triton's CPU interpreter, which must be chosen before triton is first
+# imported (its standard library is decorated at import): tests/test_ops_triton.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = Path(os.environ.get("OPENUS_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
 

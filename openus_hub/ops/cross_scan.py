@@ -1,6 +1,7 @@
 """SS2D cross-scan and cross-merge (VMamba): the four scan orders of a 2-D feature map, as pure index operations.
 
-Directions, for a map of ``H x W`` positions flattened to ``L = H * W`` (spec §1.4 step 3):
+Directions, for a map of ``H x W`` positions flattened to ``L = H * W`` (upstream cross-scan,
+``vmamba_models/csm_triton.py:22-53`` in XZheng0427/OpenUS):
 
 * ``k = 0``: row-major, ``l = h * W + w``
 * ``k = 1``: column-major, ``l = w * H + h``

@@ -2,7 +2,8 @@
 
 This is the readable definition every faster path is tested against. It follows the signature of
 ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (grouped ``B``/``C``), computes in float32 and
-loops over the sequence, exactly like upstream VMamba's ``selective_scan_torch`` (spec §1.4 step 6):
+loops over the sequence, exactly like upstream VMamba's ``selective_scan_torch`` (``vmamba_models/csms6s.py:25-68``
+in XZheng0427/OpenUS):
 
     delta(t) = softplus(delta_raw(t) + delta_bias)
     h(t)     = exp(delta(t) * A) * h(t-1) + delta(t) * B(t) * u(t),      h(0) = 0

@@ -8,7 +8,7 @@ import math
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
 
-SCAN_IMPLEMENTATIONS = ("auto", "reference", "cpu_kernel", "mamba_ssm")
+SCAN_IMPLEMENTATIONS = ("auto", "reference", "cpu_kernel", "mamba_ssm", "chunked")
 
 # Architecture presets (spec §1.1, §1.10). openus-small is the paper's model (VMamba-S "s2l15").
 OPENUS_PRESETS: dict[str, dict] = {
@@ -61,7 +61,8 @@ class OpenUSConfig(BackboneConfigMixin, PreTrainedConfig):
             OpenUS pretraining.
         scan_implementation (`str`, *optional*, defaults to `"auto"`):
             Selective-scan path: `"auto"`, `"reference"` (pure PyTorch), `"cpu_kernel"` (fused C++ kernel) or
-            `"mamba_ssm"` (CUDA). All compute the same function.
+            `"mamba_ssm"` (CUDA) or `"chunked"` (standard operations only, used for ONNX export). All compute the same
+            function.
         out_features (`list[str]`, *optional*), out_indices (`list[int]`, *optional*):
             Stages returned by `OpenUSBackbone` (`"stem"`, `"stage1"`..`"stage4"`); defaults to all four stages.
 

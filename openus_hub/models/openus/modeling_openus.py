@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 
 import torch
 import torch.nn.functional as F
@@ -319,17 +318,15 @@ class OpenUSPreTrainedModel(PreTrainedModel):
 
 
 def _vendor_ops_for_remote_code(folder: str) -> None:
-    """Make a saved folder's remote code self-contained: copy ``openus_hub/ops`` beside the modeling file and turn
+    """Make a saved folder's remote code self-contained: copy every ``openus_hub/ops`` module beside the modeling file
+    (``openus_hub.ops.build.vendor_ops``, which also lets the copies find the CPU kernel built by openus_hub) and turn
     ``from openus_hub.ops.x import`` into ``from .x import``, so `trust_remote_code=True` works without openus_hub."""
     try:
-        import openus_hub.ops as ops
-
-        ops_dir = os.path.dirname(ops.__file__)
-    except ImportError:  # already running as remote code: the ops files sit beside this one
-        ops_dir = os.path.dirname(os.path.abspath(__file__))
-    for name in ("cpu_scan.py", "cross_scan.py", "selective_scan.py", "ss2d.py"):
-        if os.path.abspath(os.path.join(ops_dir, name)) != os.path.abspath(os.path.join(folder, name)):
-            shutil.copyfile(os.path.join(ops_dir, name), os.path.join(folder, name))
+        from openus_hub.ops.build import vendor_ops
+    except ImportError:  # already running as remote code: transformers copied the ops files with this one
+        vendor_ops = None
+    if vendor_ops is not None:
+        vendor_ops(folder)
     path = os.path.join(folder, os.path.basename(__file__))
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
