@@ -2,17 +2,23 @@
 
     python -m training.distill --config training/configs/distill/debug_cpu.yaml --output-dir runs/debug
     torchrun --nproc_per_node=2 -m training.distill --config ... --output-dir ... train.max_steps=4
+    python -m training.distill --config ... --output-dir runs/debug --resume auto train.max_steps=8   # continue
 
 Configuration: the defaults (training/distill.py DEFAULTS) <- --config YAML (training/configs/distill/*.yaml) <-
 key.sub=value overrides (values parsed as YAML); an unknown key is an error that names it.
 
 OUTPUT_DIR receives config.yaml (resolved), checkpoints/last.pt and best.pt (best val mIoU; atomic, weights_only-
-loadable: student + KD modules, optimizer, schedule position, per-rank RNG states, config), summary.json and
-figures/val_overlays_step_*.png (train.overlay_images val images: image | ground truth | prediction with its Dice).
-A run restarted with the same --output-dir resumes from last.pt (or --resume PATH). A progress bar runs on rank 0; the
-run ends with what it wrote and the export command (python -m training.export_student CHECKPOINT --output-dir DIR).
+loadable: student + KD modules, optimizer, schedule position, per-rank RNG states, config; each with its checksum
+file last.pt.sha256 / best.pt.sha256), summary.json and figures/val_overlays_step_*.png (train.overlay_images val
+images: image | ground truth | prediction with its Dice). A progress bar runs on rank 0; the run ends with what it
+wrote and the export command (python -m training.export_student CHECKPOINT --output-dir DIR).
 
-Exit status: 0 done, 2 bad configuration or checkpoint (one line on stderr), 3 non-finite loss.
+A non-empty OUTPUT_DIR is refused unless --resume or --overwrite is given. --resume auto continues from last.pt, or
+from best.pt when last.pt does not verify against its sha256 or does not load (saying why); --resume PATH from that
+checkpoint. --overwrite deletes the files a previous distillation run wrote there and nothing else (a folder holding
+other files, such as an exported student, is refused, naming them).
+
+Exit status: 0 done, 2 bad configuration, output folder or checkpoint (one line on stderr), 3 non-finite loss.
 Upstream: train_TransKDBase.py, train_TransKD_GLMixer.py, train_TransKD_EA.py of RuipingL/TransKD at commit 39ab795d;
 training/README_distill.md documents the recipe flags.
 """
@@ -30,10 +36,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from training.common.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from training.common import faults
+from training.common.checkpoint import (CheckpointError, atomic_write_text, finish_interrupted_saves, load_checkpoint,
+                                        load_optimizer_state_strict, load_state_dict_strict, new_run_id,
+                                        save_checkpoint, select_checkpoint)
 from training.common.config import ConfigError, dump_config, load_config
-from training.common.distributed import all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed
+from training.common.distributed import (all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed,
+                                         on_rank0)
 from training.common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from training.common.output_dir import DISTILL_FILES, prepare_output_dir
 from training.common.progress import finish, progress_bar, redirect_logging
 from training.common.rng import rng_state, seed_everything, set_rng_state
 from training.common.run_info import run_metadata
@@ -52,6 +63,7 @@ from training.losses import ERFNET_CITYSCAPES_WEIGHTS, TransKDLoss, WeightedCros
 from training.metrics import IoUAccumulator
 
 logger = logging.getLogger("training.distill")
+FORMAT = "openus_hub.distill/1"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 DEFAULTS: dict = {
@@ -227,6 +239,17 @@ def build_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
 
 
+def build_training(cfg: dict, device: torch.device = torch.device("cpu")):
+    """(teacher features, student + KD modules, optimiser) of a run, on ``device``."""
+    teacher = TeacherFeatures(build_teacher(cfg)).to(device)
+    k = cfg["kd"]
+    distiller = TransKDDistiller(
+        build_student_from_cfg(cfg), teacher.channels, k["variant"], mid_channels=k["mid_channels"],
+        gl_add=k["gl_add"], gl_alpha_init=k["gl_alpha_init"], gl_beta_init=k["gl_beta_init"],
+    ).to(device)
+    return teacher, distiller, build_optimizer(cfg, distiller)
+
+
 @torch.no_grad()
 def evaluate(student, loader, num_labels: int, void_class: int | None, ignore_index: int, device) -> dict:
     was = student.training
@@ -240,12 +263,49 @@ def evaluate(student, loader, num_labels: int, void_class: int | None, ignore_in
     return {"miou": acc.miou(), "iou": [round(float(v), 6) for v in acc.iou()]}
 
 
+REQUIRED = ("model", "optimizer", "state", "rng", "config")
+
+
+def check_state(ckpt: dict, path: Path) -> None:
+    """A distillation checkpoint of this code: the format tag (when present) and every part a resume needs."""
+    if ckpt.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint of training.distill (format "
+                              f"{ckpt.get('format')!r}); pass OUTPUT_DIR/checkpoints/last.pt or best.pt of a "
+                              "distillation run")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; resume from another checkpoint")
+
+
+def restore(ckpt: dict, path: Path, distiller: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:
+    """Load the student + KD modules, the optimiser and this rank's RNG state, each checked against what it goes
+    into; returns the run state (step, epoch, batch, history, best mIoU). One-line CheckpointError."""
+    load_state_dict_strict(distiller, ckpt["model"], path, "student and KD-module weights")
+    load_optimizer_state_strict(optimizer, ckpt["optimizer"], path)
+    try:
+        state = dict(ckpt["state"])
+        for key in ("step", "epoch", "batch_in_epoch"):
+            state[key] = int(state[key])
+        state["best_miou"] = float(state["best_miou"])
+        state["history"] = list(state["history"])
+        rngs = list(ckpt["rng"])
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its run state or RNG state is malformed "
+                              f"({' '.join(str(err).split())[:200]}); resume from another checkpoint") from None
+    return state
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (training/configs/distill/*.yaml)")
     parser.add_argument("--output-dir", required=True, help="run folder (config, checkpoints, summary, figures)")
     parser.add_argument("--resume", default=None,
-                        help="checkpoint to resume from (default: OUTPUT_DIR/checkpoints/last.pt if present)")
+                        help="'auto': OUTPUT_DIR/checkpoints/last.pt, or best.pt when last.pt does not verify against "
+                             "its sha256 or load (none there: start afresh); or a checkpoint path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a non-empty OUTPUT_DIR: delete a previous distillation run's files "
+                             "there (nothing else; refused if the folder holds other files)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. train.max_steps=4")
     return parser
 
@@ -288,29 +348,43 @@ def run(args: argparse.Namespace | list[str]) -> dict:
     out_dir = Path(args.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     tc = cfg["train"]
+
+    found: dict = {}
+
+    def prepare():  # the output folder, interrupted saves and the checkpoint to resume from (rank 0 decides)
+        removed = prepare_output_dir(out_dir, DISTILL_FILES, resume=bool(args.resume), overwrite=args.overwrite)
+        notes = [n for folder in (ckpt_dir, out_dir, out_dir / "figures") for n in finish_interrupted_saves(folder)]
+        newest_first = [p for p in (ckpt_dir / "last.pt", ckpt_dir / "best.pt") if p.exists()]
+        path, found["ckpt"], skipped = select_checkpoint(args.resume, newest_first, check_state)
+        return removed, notes, path, skipped
+
+    removed, notes, resume, skipped = on_rank0(prepare)
+    if rank == 0:
+        if removed:
+            logger.info("--overwrite: deleted %d file(s) of the previous run in %s", len(removed), out_dir)
+        for line in notes:
+            logger.info("%s: %s", ckpt_dir, line)
+        for line in skipped:
+            logger.warning("--resume auto: skipped %s", line)
+        if args.resume == "auto" and resume is None:
+            logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
     seed_everything(tc["seed"])
 
-    teacher = TeacherFeatures(build_teacher(cfg)).to(device)
-    student = build_student_from_cfg(cfg)
-    k = cfg["kd"]
-    distiller = TransKDDistiller(
-        student, teacher.channels, k["variant"], mid_channels=k["mid_channels"], gl_add=k["gl_add"],
-        gl_alpha_init=k["gl_alpha_init"], gl_beta_init=k["gl_beta_init"],
-    ).to(device)
+    teacher, distiller, optimizer = build_training(cfg, device)
+    student = distiller.student
     loss_fn = build_loss(cfg).to(device)
-    optimizer = build_optimizer(cfg, distiller)
     train_set, val_set = build_datasets(cfg)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_miou": -1.0, "history": []}
-    resume = args.resume or (str(ckpt_dir / "last.pt") if (ckpt_dir / "last.pt").exists() else None)
+    run_id = None
     if resume:
-        ckpt = load_checkpoint(resume)
-        distiller.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        ckpt = found["ckpt"] if rank == 0 else load_checkpoint(resume, verify=False)
+        state = restore(ckpt, resume, distiller, optimizer, rank)
+        run_id = ckpt.get("run_id")
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
                     state["batch_in_epoch"])
+        del ckpt
+    run_id = run_id or new_run_id()
 
     model = distiller
     if world > 1:
@@ -337,6 +411,7 @@ def run(args: argparse.Namespace | list[str]) -> dict:
         gathered = all_gather_object(rng_state())
         if rank == 0:
             save_checkpoint({
+                "format": FORMAT, "run_id": run_id, "step": state["step"],
                 "model": distiller.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                 "rng": gathered, "config": cfg, "student_config": student.config.to_dict(),
                 "teacher_config": teacher.teacher.config.to_dict(), "teacher_type": cfg["teacher"]["type"],
@@ -389,6 +464,7 @@ def run(args: argparse.Namespace | list[str]) -> dict:
                             (time.time() - t0) / (state["step"] - start_step))
             if tc["checkpoint_every_steps"] and state["step"] % tc["checkpoint_every_steps"] == 0:
                 save("last.pt")
+            faults.point("step", step=state["step"], rank=rank)  # test hook (training/common/faults.py)
             if max_steps is not None and state["step"] >= max_steps:
                 finished_epoch = i + 1 == len(loader)
                 break

@@ -3,13 +3,19 @@
 
 Single process or torchrun + DDP (gloo on CPU, nccl on GPU). ``--output-dir`` receives ``config.yaml`` (resolved),
 ``log.jsonl`` (train loss per logged step, validation metrics per epoch), ``checkpoints/checkpoint_{step:08d}.pth``
-(atomic, plain data, resumable with ``--resume auto``), ``eval_test.json`` (the best model on the test split),
+(atomic, plain data, each with its ``.sha256`` checksum file; resumable with ``--resume auto``, which takes the
+newest one that verifies and loads and says which newer ones it skipped), ``eval_test.json`` (the best model on the
+test split),
 ``figures/test_overlays.png`` (segmentation: ``log.overlay_images`` test images, image | ground truth | prediction
 with its Dice), ``export_card.json`` (what the card was rendered from) and ``model/``: the best model as a
 ``save_pretrained`` folder with ``preprocessor_config.json`` and a generated ``README.md`` card (local paths appear
 there as base names). A progress bar runs on rank 0; the run ends with what it wrote and the next commands.
 
-Exit status: 0 done, 2 bad configuration or checkpoint (one line on stderr), 3 non-finite loss.
+A non-empty ``--output-dir`` is refused unless ``--resume`` (continue the run there) or ``--overwrite`` (delete the
+files a previous run of this job wrote there, nothing else; refused, naming them, if the folder holds other files) is
+given. Old checkpoints are pruned (``checkpoint.keep_last``) among this run's own only.
+
+Exit status: 0 done, 2 bad configuration, output folder or checkpoint (one line on stderr), 3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ from openus_hub import (OpenUSConfig, OpenUSForImageClassification, OpenUSForSem
                         OpenUSImageProcessorPil, OpenUSModel)
 
 from .common import distributed as du
-from .common.checkpoint import (CheckpointError, atomic_write_text, checkpoint_path, latest_checkpoint,
-                                load_checkpoint, prune_checkpoints, save_checkpoint)
+from .common import faults
+from .common.checkpoint import (CheckpointError, atomic_write_text, checkpoint_path, finish_interrupted_saves,
+                                list_checkpoints, load_checkpoint, load_optimizer_state_strict, load_state_dict_strict,
+                                new_run_id, prune_checkpoints, save_checkpoint, select_checkpoint)
 from .common.config import ConfigError, dump_config
 from .common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from .common.output_dir import DOWNSTREAM_FILES, keep_log_records, prepare_output_dir
 from .common.progress import finish, progress_bar, redirect_logging
 from .common.rng import seed_everything, step_seed
 from .common.run_info import git_sha, portable_path, run_metadata
@@ -51,7 +60,12 @@ def get_args_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (training/configs/downstream/*.yaml); unset keys keep the defaults")
     p.add_argument("--output-dir", required=True, help="run folder (config, log, checkpoints, results, model/)")
-    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in OUTPUT_DIR/checkpoints) or a path")
+    p.add_argument("--resume", default=None,
+                   help="'auto': the newest checkpoint in OUTPUT_DIR/checkpoints that verifies against its sha256 and "
+                        "loads (none there: start afresh); or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty OUTPUT_DIR: delete a previous run's files there (nothing else; "
+                        "refused if the folder holds other files)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
     return p
 
@@ -92,6 +106,29 @@ def build_model(cfg: dict, num_labels: int, classes: list[str] | None) -> nn.Mod
         nn.init.normal_(model.classifier.weight, std=0.01)
         nn.init.zeros_(model.classifier.bias)
     return model
+
+
+def build_optimizer(cfg: dict, model: nn.Module):
+    """(optimiser, per-epoch cosine schedule) of a run: the head at ``train.lr`` (x batch/16 with
+    ``train.scale_lr``), the backbone too at ``train.backbone_lr_mult`` x that when it is not frozen."""
+    tcfg, task = cfg["train"], cfg["task"]
+    head = model.decoder if task == "segmentation" else model.classifier
+    head_params = list(head.parameters())
+    backbone_params = [] if tcfg["mode"] == "frozen" else list(model.openus.parameters())
+    lr = tcfg["lr"] * (cfg["data"]["batch_size_per_gpu"] / 16 if tcfg["scale_lr"] else 1.0)
+    groups = [{"params": head_params, "lr": lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": lr * tcfg["backbone_lr_mult"]})
+    if tcfg["optimizer"] == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
+    elif tcfg["optimizer"] == "adam":
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=tcfg["weight_decay"])
+    elif tcfg["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=tcfg["weight_decay"])
+    else:  # load_downstream_config accepts nothing else
+        raise AssertionError(tcfg["optimizer"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg["epochs"], eta_min=0.0)  # stepped per epoch
+    return opt, sched
 
 
 class DownstreamNet(nn.Module):
@@ -283,6 +320,31 @@ def export(net: DownstreamNet, cfg: dict, out_dir: Path, test: dict, sample_batc
 # training
 
 
+def check_state(state: dict, path: Path, task: str) -> None:
+    """A checkpoint of this job and task."""
+    if state.get("format") != FORMAT or state.get("task") != task:
+        raise CheckpointError(f"checkpoint {path} is not a {task} checkpoint of training.downstream_train "
+                              f"(format {state.get('format')!r}, task {state.get('task')!r}); pass a "
+                              f"checkpoint_*.pth of a {task} run")
+
+
+def restore(state: dict, path: Path, model: nn.Module, opt, sched) -> tuple:
+    """Load a checkpoint's model, optimiser and schedule, each checked against what it goes into; returns (step,
+    epoch, batch in epoch, best metrics, best model's weights, history). One-line CheckpointError."""
+    load_state_dict_strict(model, state["model"], path, "model weights")
+    load_optimizer_state_strict(opt, state["optimizer"], path)
+    try:
+        sched.load_state_dict(state["scheduler"])
+        step, epoch, batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        best, best_state, history = dict(state["best"]), state["best_model"], list(state["history"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its schedule or run state is malformed "
+                              f"({' '.join(str(err).split())[:200]}); resume from another checkpoint") from None
+    if best_state is not None:
+        load_state_dict_strict(model, best_state, path, "best-model weights", check_only=True)
+    return step, epoch, batch, best, best_state, history
+
+
 def train(task: str, args: argparse.Namespace) -> dict:
     cfg = load_downstream_config(task, args.config, args.overrides)
     if cfg["task"] == "segmentation" and cfg["log"]["overlay_images"]:
@@ -305,7 +367,27 @@ def train(task: str, args: argparse.Namespace) -> dict:
         torch.set_num_threads(int(tcfg["num_threads"]))
     out_dir = Path(args.output_dir)
     ckpt_dir = out_dir / "checkpoints"
+
+    found: dict = {}
+
+    def prepare():  # the output folder, interrupted saves and the checkpoint to resume from (rank 0 decides)
+        removed = prepare_output_dir(out_dir, DOWNSTREAM_FILES, resume=bool(args.resume), overwrite=args.overwrite)
+        notes = [n for folder in (ckpt_dir, out_dir, out_dir / "figures") for n in finish_interrupted_saves(folder)]
+        newest_first = [path for _, path in reversed(list_checkpoints(ckpt_dir))]
+        path, found["state"], skipped = select_checkpoint(args.resume, newest_first,
+                                                          lambda state, path: check_state(state, path, task))
+        return removed, notes, path, skipped
+
+    removed, notes, resume, skipped = du.on_rank0(prepare)
     if rank == 0:
+        if removed:
+            logger.info("--overwrite: deleted %d file(s) of the previous run in %s", len(removed), out_dir)
+        for line in notes:
+            logger.info("%s: %s", ckpt_dir, line)
+        for line in skipped:
+            logger.warning("--resume auto: skipped %s", line)
+        if args.resume == "auto" and resume is None:
+            logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml")
     du.barrier()
@@ -317,22 +399,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
     frozen = tcfg["mode"] == "frozen"
     scale = 2.0 if task == "classification" and tcfg["avgpool"] == 2 else 1.0  # avgpool 2 = CLS + mean = 2 x GAP
     net = DownstreamNet(model, task, frozen, scale).to(device)
-    head = model.decoder if task == "segmentation" else model.classifier
-    head_params = list(head.parameters())
-    backbone_params = [] if frozen else list(model.openus.parameters())
-    lr = tcfg["lr"] * (dcfg["batch_size_per_gpu"] / 16 if tcfg["scale_lr"] else 1.0)
-    groups = [{"params": head_params, "lr": lr}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": lr * tcfg["backbone_lr_mult"]})
-    if tcfg["optimizer"] == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"])
-    elif tcfg["optimizer"] == "adam":
-        opt = torch.optim.Adam(groups, lr=lr, weight_decay=tcfg["weight_decay"])
-    elif tcfg["optimizer"] == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=tcfg["weight_decay"])
-    else:  # load_downstream_config accepts nothing else
-        raise AssertionError(tcfg["optimizer"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg["epochs"], eta_min=0.0)  # stepped per epoch
+    opt, sched = build_optimizer(cfg, model)
     ddp = net
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -343,27 +410,31 @@ def train(task: str, args: argparse.Namespace) -> dict:
     best: dict = {}
     best_state = None
     history: list[dict] = []
-    resume = latest_checkpoint(ckpt_dir) if args.resume == "auto" else args.resume
+    run_id = None
     if resume:
-        state = load_checkpoint(resume)
-        if state.get("format") != FORMAT or state.get("task") != task:
-            raise CheckpointError(f"{resume} is not a {task} checkpoint of training.downstream_train")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
-        best, best_state, history = state["best"], state["best_model"], state["history"]
+        state = found["state"] if rank == 0 else load_checkpoint(resume, verify=False)
+        step, start_epoch, skip_batches, best, best_state, history = restore(state, resume, model, opt, sched)
+        run_id = state.get("run_id")
         logger.info("resumed from %s (step %d, epoch %d, batch %d)", resume, step, start_epoch, skip_batches)
+        del state
+    run_id = run_id or new_run_id()
+    if args.resume and rank == 0:  # the steps after the resumed one are redone: their old records go
+        dropped = keep_log_records(out_dir / "log.jsonl",
+                                   lambda r: isinstance(r.get("step"), int) and r["step"] <= step)
+        if dropped:
+            logger.info("log.jsonl: dropped %d record(s) after step %d (redone after the resume)", dropped, step)
+    last_saved = resume
 
     def save(epoch: int, batch_in_epoch: int) -> None:
+        nonlocal last_saved
         if rank == 0:
-            save_checkpoint({
+            last_saved = save_checkpoint({
                 "format": FORMAT, "task": task, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "best": best, "best_model": best_state, "history": history, "config": cfg,
-                "model_config": model.config.to_dict(), **run_metadata(world),
+                "model_config": model.config.to_dict(), "run_id": run_id, **run_metadata(world),
             }, checkpoint_path(ckpt_dir, step))
-            prune_checkpoints(ckpt_dir, cfg["checkpoint"]["keep_last"], None)
+            prune_checkpoints(ckpt_dir, cfg["checkpoint"]["keep_last"], None, run_id=run_id, upto_step=step)
         du.barrier()
 
     def log(record: dict) -> None:
@@ -374,7 +445,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
     bs = dcfg["batch_size_per_gpu"]
     per_epoch = math.ceil(math.ceil(len(train_ds) / world) / bs)
     max_steps = tcfg["max_steps"]
-    t0 = time.time()
+    t0, first_step = time.time(), step
     stopped = max_steps is not None and step >= max_steps
     epoch = start_epoch
     planned = tcfg["epochs"] * per_epoch if max_steps is None else min(max_steps, tcfg["epochs"] * per_epoch)
@@ -408,6 +479,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
             every = cfg["checkpoint"]["every_steps"]
             if every and step % every == 0 and batch_in_epoch < per_epoch:
                 save(epoch, batch_in_epoch)
+            faults.point("step", step=step, rank=rank)  # test hook (training/common/faults.py)
             if max_steps is not None and step >= max_steps:
                 stopped = True
                 break
@@ -439,7 +511,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
     result = {"test": test, "best": best, "steps": step, "output_dir": str(out_dir)}
     if rank == 0:
         atomic_write_text(out_dir / "eval_test.json", json.dumps(test, indent=2))
-        wrote = [str(out_dir / "eval_test.json"), str(latest_checkpoint(ckpt_dir))]
+        wrote = [str(out_dir / "eval_test.json"), str(last_saved)]
         n_fig = min(int(cfg["log"]["overlay_images"]), len(eval_ds["test"]))
         if task == "segmentation" and n_fig:
             net.eval()
@@ -458,7 +530,8 @@ def train(task: str, args: argparse.Namespace) -> dict:
             next_steps.append(f"openus-hub push {result['export_dir']} --repo-id ORG/NAME --dry-run")
         next_steps.append(f"python -m training.evaluate summarize {out_dir} [more runs] --output-dir SUMMARY_DIR"
                           + (f" --card {result['export_dir']}" if "export_dir" in result else ""))
-        finish(logger, f"{step} steps in {time.time() - t0:.1f} s: " + ", ".join(wrote), next_steps)
+        finish(logger, f"{step - first_step} steps (to step {step}) in {time.time() - t0:.1f} s: " + ", ".join(wrote),
+               next_steps)
     du.barrier()
     return result
 

@@ -11,7 +11,9 @@ mask token, pixel decoder, EMA map and iBOT head are pretraining-only and are le
 configuration (model.init_from, data.manifest) appear in the card as base names with a sha256.
 
 The folder is written under a temporary name and swapped in; a non-empty --output-dir is refused unless --overwrite
-is given. Exit status 0, or 2 with a one-line error (not a pretraining checkpoint, a non-empty --output-dir).
+is given. The checkpoint is read only after its sha256 matches its checksum file (CHECKPOINT.sha256, written by
+training.pretrain). Exit status 0, or 2 with a one-line error (a checkpoint that does not verify or is not a
+pretraining checkpoint, a non-empty --output-dir).
 """
 
 from __future__ import annotations

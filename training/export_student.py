@@ -9,7 +9,8 @@ TransKD student card of the run's variant) with teacher, data, recipe, params/FL
 and the measured reload difference, and `distillation.json` (the numbers, the validation history and the recipe).
 Publish the folder with `openus-hub push FOLDER --repo-id ORG/NAME` (it checks the folder, then uploads it in one
 commit). Local paths of the run (teacher folder, data root, checkpoint) appear in the card and `distillation.json`
-as base names with a sha256, never as absolute paths.
+as base names with a sha256, never as absolute paths. The checkpoint is read only after its sha256 matches its
+checksum file (CHECKPOINT.sha256, written by training.distill); exit status 2 with a one-line error otherwise.
 """
 
 from __future__ import annotations

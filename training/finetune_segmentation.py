@@ -4,7 +4,7 @@ torchrun + DDP.
     python -m training.finetune_segmentation --config training/configs/downstream/busbra_seg.yaml \
         --output-dir runs/busbra data.root=/data/BUS-BRA/organized_data model.init_from=hf/openus-small
     torchrun --nproc_per_node=4 -m training.finetune_segmentation --config ... --output-dir runs/busbra
-    ... --resume auto   # continue from the latest checkpoint in OUTPUT_DIR/checkpoints
+    ... --resume auto   # continue from the newest checkpoint in OUTPUT_DIR/checkpoints that verifies
 
 Upstream protocol (``train.mode=frozen``, the default): frozen backbone (eval, no autograd), a fresh MambaDecoder
 trained with Adam lr 1e-3 (wd 0), cosine over 100 epochs (per epoch), cross-entropy ignoring 255 (no Dice term;

@@ -3,7 +3,7 @@ r"""Linear probe / classification fine-tuning of OpenUS (upstream ``eval_linear.
     python -m training.linear_probe --config training/configs/downstream/busi_linear.yaml --output-dir runs/busi \
         data.root=/data/BUSI model.init_from=hf/openus-small [key=value ...]
     torchrun --nproc_per_node=4 -m training.linear_probe --config ... --output-dir runs/busi
-    ... --resume auto   # continue from the latest checkpoint in OUTPUT_DIR/checkpoints
+    ... --resume auto   # continue from the newest checkpoint in OUTPUT_DIR/checkpoints that verifies
 
 Upstream protocol (``train.mode=frozen``, the default): the backbone is frozen (eval, no autograd); a
 ``Linear(C, num_labels)`` (N(0, 0.01), bias 0) is trained on ``avgpool`` features (0/1 = the pooled last-stage

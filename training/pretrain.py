@@ -3,20 +3,28 @@ r"""OpenUS pretraining: self-adaptive masked contrastive learning (upstream main
     python -m training.pretrain --config training/configs/debug_cpu.yaml --output-dir runs/debug data.manifest=M
     torchrun --nproc_per_node=4 -m training.pretrain --config training/configs/openus_small_paper.yaml \
         --output-dir runs/paper data.manifest=/data/us308k/manifest.txt
-    ... --resume auto   # continue from the latest checkpoint in OUTPUT_DIR/checkpoints
+    ... --resume auto   # continue from the newest checkpoint in OUTPUT_DIR/checkpoints that verifies
 
 Configuration: the defaults (training/pretrain.py DEFAULTS = the paper run) <- --config YAML <- key=value overrides;
 an unknown key is an error that names it. A manifest of the data (data.manifest) is required: write one with
 python -m training.data.datasets FOLDER --output FILE.
 
 OUTPUT_DIR receives config.yaml (resolved), log.jsonl (lr, schedules and every loss term per logged step),
-checkpoints/checkpoint_{step:08d}.pth (atomic, weights_only-loadable), figures/step_*.png with
+checkpoints/checkpoint_{step:08d}.pth (atomic, weights_only-loadable) each with its checksum file
+checkpoint_{step:08d}.pth.sha256 (sha256sum format; run id, step, size), figures/step_*.png with
 log.figure_every_steps=N (per global crop: crop | teacher attention on its token grid | mask | masked
 reconstruction) and, with log.tensorboard=true, TensorBoard events. A progress bar runs on rank 0; the run ends with
 what it wrote and the export command (python -m training.export_pretrained CHECKPOINT --output-dir DIR).
 
-Exit status: 0 done, 2 bad configuration or checkpoint (one line on stderr), 3 non-finite loss (the message names the
-step, every loss term and the last good checkpoint).
+A non-empty OUTPUT_DIR is refused unless --resume or --overwrite is given. --resume auto takes the newest checkpoint
+whose sha256 matches its checksum file and that loads, says which newer ones it skipped and why, continues with the
+configuration stored in it and drops the log records of the steps it will redo; --resume PATH takes that checkpoint
+or stops. --overwrite deletes the files a previous pretraining run wrote there (config.yaml, log.jsonl,
+checkpoints/, figures/, tensorboard/) and nothing else: a folder holding other files is refused, naming them.
+Old checkpoints are pruned (checkpoint.keep_last, checkpoint.keep_every_steps) among this run's own only.
+
+Exit status: 0 done, 2 bad configuration, output folder or checkpoint (one line on stderr), 3 non-finite loss (the
+message names the step, every loss term and the last good checkpoint).
 """
 
 from __future__ import annotations
@@ -49,10 +57,13 @@ from .ssl_meta_arch import (
     param_groups,
 )
 from .common import distributed as du
-from .common.checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint,
-                                prune_checkpoints, save_checkpoint)
+from .common import faults
+from .common.checkpoint import (CheckpointError, checkpoint_path, finish_interrupted_saves, list_checkpoints,
+                                load_checkpoint, load_optimizer_state_strict, load_state_dict_strict, new_run_id,
+                                prune_checkpoints, save_checkpoint, select_checkpoint, tensor_like)
 from .common.config import ConfigError, dump_config, load_config
 from .common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from .common.output_dir import PRETRAIN_FILES, keep_log_records, prepare_output_dir
 from .common.progress import finish, progress_bar, redirect_logging
 from .common.rng import seed_everything, step_seed
 from .common.run_info import run_metadata
@@ -106,7 +117,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (training/configs/*.yaml); unset keys keep the defaults")
     p.add_argument("--output-dir", required=True, help="run folder (config, log, checkpoints, figures)")
-    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in OUTPUT_DIR/checkpoints) or a path")
+    p.add_argument("--resume", default=None,
+                   help="'auto': the newest checkpoint in OUTPUT_DIR/checkpoints that verifies against its sha256 and "
+                        "loads (none there: start afresh); or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty OUTPUT_DIR: delete a previous pretraining run's files there "
+                        "(nothing else; refused if the folder holds other files)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
     return p
 
@@ -149,6 +165,24 @@ def build_networks(cfg: dict) -> tuple[OpenUSPretrainNetwork, OpenUSPretrainNetw
     return student, teacher, head_kwargs, None
 
 
+def build_training(cfg: dict, device: torch.device = torch.device("cpu")):
+    """(student, teacher, head_kwargs, iBOT loss with its centers, AdamW optimiser) of a run, on ``device``."""
+    student, teacher, head_kwargs, upstream_centers = build_networks(cfg)
+    student.to(device)
+    teacher.to(device)
+    lcfg = cfg["loss"]
+    ibot_loss = IBOTLoss(
+        head_kwargs["out_dim"], head_kwargs["patch_out_dim"], 2, int(cfg["data"]["local_crops_number"]),
+        lcfg["warmup_teacher_temp"], lcfg["teacher_temp"], lcfg["warmup_teacher_patch_temp"],
+        lcfg["teacher_patch_temp"], lcfg["warmup_teacher_temp_epochs"], int(cfg["train"]["epochs"]), lcfg["student_temp"],
+        lcfg["center_momentum"], lcfg["center_momentum2"], lcfg["lambda1"], lcfg["lambda2"],
+    ).to(device)
+    if upstream_centers is not None:
+        ibot_loss.load_state_dict(upstream_centers)
+    optimizer = torch.optim.AdamW(param_groups(student))
+    return student, teacher, head_kwargs, ibot_loss, optimizer
+
+
 def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks, prev_importance, epoch: int,
                  epochs: int, mcfg: dict, gen: torch.Generator | None):
     """One step of upstream ``train_one_epoch`` (``main_openus.py:505-582``): teacher targets and attention, the
@@ -180,6 +214,59 @@ def forward_step(net, teacher, ibot_loss, globals_, locals_, g_masks_ds, l_masks
         loss = loss + out["local_rec"]
         terms["local_rec"] = out["local_rec"]
     return loss, terms, g_masks, attention, new_prev
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resuming
+
+REQUIRED = ("step", "student", "teacher", "optimizer", "ibot_loss", "per_rank", "config")
+
+
+def check_state(state: dict, path: Path) -> None:
+    """A pretraining checkpoint of this code: the right format tag and every part a resume needs."""
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint of training.pretrain (format "
+                              f"{state.get('format')!r}, expected {FORMAT!r}); pass OUTPUT_DIR/checkpoints/"
+                              "checkpoint_*.pth of a pretraining run (upstream checkpoints go in model.init_from)")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; resume from another checkpoint")
+
+
+def restore(state: dict, path: Path, student, teacher, optimizer, ibot_loss, rank: int, world: int,
+            device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """Load a checkpoint's networks, optimiser, iBOT centers and this rank's EMA map, feedback signal and RNG state,
+    each checked against what it goes into; returns (step, prev_importance). One-line CheckpointError."""
+    # the EMA map follows the crop size (ReconstructionImportance re-shapes it on load)
+    load_state_dict_strict(student, state["student"], path, "student weights", resizable=("ema_loss_map",))
+    load_state_dict_strict(teacher, state["teacher"], path, "teacher weights")
+    load_state_dict_strict(ibot_loss, state["ibot_loss"], path, "iBOT centers")
+    load_optimizer_state_strict(optimizer, state["optimizer"], path)
+    try:
+        step = int(state["step"])
+        per_rank = list(state["per_rank"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: its step or per-rank state is malformed ({err})") from None
+    prev_importance = None
+    if len(per_rank) == world:  # the same world size: every rank gets its own EMA map, feedback and RNG back
+        mine = per_rank[rank]
+        rec = student.recon_importance
+        rec.ema_loss_map.copy_(tensor_like(mine["ema_loss_map"], rec.ema_loss_map, path, "EMA loss map"))
+        rec.ema_initialized.fill_(bool(mine["ema_initialized"]))
+        if mine["prev_importance"] is not None:
+            prev = mine["prev_importance"]
+            if not isinstance(prev, torch.Tensor) or not prev.is_floating_point() or prev.ndim != 2:
+                raise CheckpointError(f"checkpoint {path}: its feedback signal (prev_importance) is not a 2-D float "
+                                      "tensor; resume from another checkpoint")
+            prev_importance = prev.to(device)
+        rng = mine["rng_torch"]
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+            raise CheckpointError(f"checkpoint {path}: its RNG state is not a uint8 tensor; resume from another "
+                                  "checkpoint")
+        torch.set_rng_state(rng)
+    else:
+        logger.warning("resuming with %d processes instead of %d: per-rank EMA maps restart", world, len(per_rank))
+    return step, prev_importance
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -253,17 +340,31 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
         raise ConfigError("data.manifest is not set: write one with python -m training.data.datasets FOLDER "
                           "--output FILE, then pass data.manifest=FILE")
 
-    resume_path = None
-    if args.resume == "auto":
-        resume_path = latest_checkpoint(ckpt_dir)
-        if resume_path is None:
+    # the output folder, interrupted saves and the checkpoint to resume from: decided on rank 0, told to every rank
+    found: dict = {}
+
+    def prepare():
+        removed = prepare_output_dir(out_dir, PRETRAIN_FILES, resume=bool(args.resume), overwrite=args.overwrite)
+        notes = [n for folder in (ckpt_dir, out_dir, out_dir / "figures") for n in finish_interrupted_saves(folder)]
+        newest_first = [path for _, path in reversed(list_checkpoints(ckpt_dir))]
+        path, found["state"], skipped = select_checkpoint(args.resume, newest_first, check_state)
+        return removed, notes, path, skipped
+
+    removed, notes, resume_path, skipped = du.on_rank0(prepare)
+    if rank == 0:
+        if removed:
+            logger.info("--overwrite: deleted %d file(s) of the previous run in %s", len(removed), out_dir)
+        for line in notes:
+            logger.info("%s: %s", ckpt_dir, line)
+        for line in skipped:
+            logger.warning("--resume auto: skipped %s", line)
+        if args.resume == "auto" and resume_path is None:
             logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
-    elif args.resume:
-        resume_path = Path(args.resume)
-    state = load_checkpoint(resume_path) if resume_path else None
+    state = found.get("state") if rank == 0 else (load_checkpoint(resume_path, verify=False) if resume_path else None)
     if state is not None:  # the run continues with the configuration it was started with
         cfg = state["config"]
         tcfg, dcfg, mcfg = cfg["train"], cfg["data"], cfg["masking"]
+    run_id = (state.get("run_id") if state is not None else None) or new_run_id()
 
     seed = int(tcfg["seed"])
     seed_everything(seed)  # identical initialisation on every rank (DDP also broadcasts it)
@@ -285,20 +386,8 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
     max_steps = min(total, int(tcfg["max_steps"])) if tcfg["max_steps"] else total
 
     # networks, loss, optimiser, schedules
-    student, teacher, head_kwargs, upstream_centers = build_networks(cfg)
-    student.to(device)
-    teacher.to(device)
+    student, teacher, head_kwargs, ibot_loss, optimizer = build_training(cfg, device)
     n_global, n_local = 2, int(dcfg["local_crops_number"])
-    lcfg = cfg["loss"]
-    ibot_loss = IBOTLoss(
-        head_kwargs["out_dim"], head_kwargs["patch_out_dim"], n_global, n_local,
-        lcfg["warmup_teacher_temp"], lcfg["teacher_temp"], lcfg["warmup_teacher_patch_temp"], lcfg["teacher_patch_temp"],
-        lcfg["warmup_teacher_temp_epochs"], epochs, lcfg["student_temp"], lcfg["center_momentum"],
-        lcfg["center_momentum2"], lcfg["lambda1"], lcfg["lambda2"],
-    ).to(device)
-    if upstream_centers is not None:
-        ibot_loss.load_state_dict(upstream_centers)
-    optimizer = torch.optim.AdamW(param_groups(student))
     f = {k: float(tcfg[k]) for k in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum_teacher")}
     lr_sched = cosine_scheduler(f["lr"], f["min_lr"], epochs, niter, warmup_epochs=int(tcfg["warmup_epochs"]))
     wd_sched = cosine_scheduler(f["weight_decay"], f["weight_decay_end"], epochs, niter)
@@ -306,21 +395,14 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
 
     step, prev_importance = 0, None
     if state is not None:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        ibot_loss.load_state_dict(state["ibot_loss"])
-        step = int(state["step"])
-        per_rank = state["per_rank"]
-        if len(per_rank) == world:  # the same world size: every rank gets its own EMA map, feedback and RNG back
-            mine = per_rank[rank]
-            student.recon_importance.ema_loss_map.copy_(mine["ema_loss_map"])
-            student.recon_importance.ema_initialized.fill_(bool(mine["ema_initialized"]))
-            prev_importance = mine["prev_importance"].to(device) if mine["prev_importance"] is not None else None
-            torch.set_rng_state(mine["rng_torch"])
-        else:
-            logger.warning("resuming with %d processes instead of %d: per-rank EMA maps restart", world, len(per_rank))
-        logger.info("resumed from %s at step %d", resume_path, step)
+        step, prev_importance = restore(state, resume_path, student, teacher, optimizer, ibot_loss, rank, world,
+                                        device)
+        logger.info("resumed from %s at step %d (run %s)", resume_path, step, run_id)
+    if args.resume and rank == 0:  # the steps from here on are redone: their old records go
+        dropped = keep_log_records(out_dir / "log.jsonl",
+                                   lambda r: isinstance(r.get("step"), int) and r["step"] < step)
+        if dropped:
+            logger.info("log.jsonl: dropped %d record(s) from step %d on (redone after the resume)", dropped, step)
 
     net = student
     if du.is_dist():
@@ -349,9 +431,10 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
                 "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "optimizer": optimizer.state_dict(), "ibot_loss": ibot_loss.state_dict(), "per_rank": gathered,
                 "config": cfg, "model_config": student.config.to_dict(), "head_kwargs": head_kwargs,
-                "data_manifest": man_summary, **meta,
+                "data_manifest": man_summary, "run_id": run_id, **meta,
             }, path)
-            prune_checkpoints(ckpt_dir, cfg["checkpoint"]["keep_last"], cfg["checkpoint"]["keep_every_steps"])
+            prune_checkpoints(ckpt_dir, cfg["checkpoint"]["keep_last"], cfg["checkpoint"]["keep_every_steps"],
+                              run_id=run_id, upto_step=next_step)
         du.barrier()
         return path
 
@@ -360,14 +443,14 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(out_dir / "tensorboard"))
+            tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step if args.resume else None)
         except ImportError:
             logger.warning("log.tensorboard=true but tensorboard is not installed; skipping")
     log_file = open(out_dir / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
     bar = progress_bar(max_steps, "pretrain", initial=step, enabled=rank == 0 and cfg["log"]["progress_bar"])
-    last_good = latest_checkpoint(ckpt_dir) if rank == 0 else None
+    last_good = resume_path
 
-    t0 = time.time()
+    t0, first_step = time.time(), step
     while step < max_steps:
         epoch, start = divmod(step, niter)
         dataset.set_epoch(epoch)
@@ -435,6 +518,7 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
                 if rank == 0:
                     last_good = path
                     logger.info("step %d: checkpoint %s", step, path)
+            faults.point("step", step=step, rank=rank)  # test hook (training/common/faults.py)
             if step >= max_steps:
                 break
     bar.close()
@@ -444,7 +528,8 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
         tb.close()
     if rank == 0:
         figures = out_dir / "figures"
-        finish(logger, f"{step} pretraining steps in {time.time() - t0:.1f} s: checkpoint {last_good}, "
+        finish(logger, f"{step - first_step} pretraining steps (to step {step}) in {time.time() - t0:.1f} s: "
+                       f"checkpoint {last_good}, "
                        f"{out_dir / 'log.jsonl'}, {out_dir / 'config.yaml'}"
                        + (f", figures in {figures}" if figures.is_dir() else ""),
                f"python -m training.export_pretrained {last_good} --output-dir {out_dir / 'exported'}")

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 BANNER = ("NOTE: pipeline demonstration only: a tiny, randomly initialised model trained for a few steps on a few "
           "frames. It is NOT a useful pretrained model and NOT for clinical use.")
-OUTPUTS = ("frames", "manifest.txt", "run", "exported", "frame_similarity.png",
-           "embeddings.npz")  # what --overwrite may replace: ours, and the file our closing line suggests
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,29 +29,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="replace a previous quickstart's files in --output-dir (nothing else there is touched)")
     args = p.parse_args(argv)
     out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()):
-        others = sorted(x.name for x in out.iterdir() if x.name not in OUTPUTS)
-        if not args.overwrite:
-            print(f"error: --output-dir {out} is not empty; pass --overwrite to replace a previous quickstart's files "
-                  "or choose another folder", file=sys.stderr)
-            return 2
-        if others:
-            print(f"error: --output-dir {out} holds files a quickstart did not write ({', '.join(others[:3])}); "
-                  "choose another folder", file=sys.stderr)
-            return 2
+    from .common.config import ConfigError
     from .common.figures import require_matplotlib
+    from .common.output_dir import QUICKSTART_FILES, prepare_output_dir
 
     try:
         require_matplotlib()
-    except ImportError as err:
+        # nothing but a previous quickstart's own files (recognised by name, in run/, exported/ and frames/ too) is
+        # ever deleted; anything else in the folder is named and the run refused
+        prepare_output_dir(out, QUICKSTART_FILES, resume=False, overwrite=args.overwrite)
+    except (ImportError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for name in OUTPUTS if args.overwrite else ():
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("training.quickstart")

@@ -2,6 +2,7 @@
 no import cycle, no sys.path edits, comments that do not point outside the repository)."""
 
 import ast
+import hashlib
 import os
 import re
 import subprocess
@@ -146,13 +147,21 @@ def test_load_checkpoint_is_weights_only_and_errors_name_the_file(tmp_path):
     assert state["step"] == 3 and torch.equal(state["w"], torch.ones(2))
 
     torch.save({"obj": Payload()}, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError) as err:  # no checksum file: nothing is read from it
+        load_checkpoint(tmp_path / "foreign.pth")
+    msg = str(err.value)
+    assert "\n" not in msg and "foreign.pth" in msg and "no checksum file" in msg and "sha256sum" in msg, msg
+    # vouched for with sha256sum's own format (what the message suggests): weights_only still refuses the class
+    digest = hashlib.sha256((tmp_path / "foreign.pth").read_bytes()).hexdigest()
+    (tmp_path / "foreign.pth.sha256").write_text(f"{digest}  {tmp_path / 'foreign.pth'}\n")
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(tmp_path / "foreign.pth")
     msg = str(err.value)
     assert "\n" not in msg and "foreign.pth" in msg and "Unsupported global" in msg, msg
 
     (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="cut.pth"):
+    (tmp_path / "cut.pth.sha256").write_text((tmp_path / "good.pth.sha256").read_text().replace("good.pth", "cut.pth"))
+    with pytest.raises(CheckpointError, match="cut.pth is 100 bytes"):
         load_checkpoint(tmp_path / "cut.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pth")

@@ -2,8 +2,9 @@
 
 * one process, in-process ``main``: finite losses, log/figure/checkpoint files, weights_only checkpoints, pruning,
   non-finite loss handling;
-* ``torchrun --nproc_per_node=2`` (gloo): killed after a checkpoint, resumed with ``--resume auto``, ends with the
-  same parameters, optimiser state and centers as an uninterrupted run; then exported and loaded with AutoModel;
+* ``torchrun --nproc_per_node=2`` (gloo): both workers killed (SIGKILL) one step after a checkpoint, resumed with
+  ``--resume auto`` from that checkpoint, ends with the same parameters, optimiser state, centers, per-rank EMA maps
+  and feedback signals, and the same log, as an uninterrupted run; then exported and loaded with AutoModel;
 * the export's README.md is the model_cards/ template with the numbers the export measured.
 """
 
@@ -11,10 +12,8 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -134,23 +133,29 @@ def test_torchrun_interrupt_resume_equals_uninterrupted_then_export(tmp_path, ma
                  "log.figure_every_steps=null"]  # 8 frames / 2 ranks / batch 2 = 2 steps per epoch: 30 steps
     ref, run = tmp_path / "reference", tmp_path / "interrupted"
     done = subprocess.run(_torchrun(ref, manifest, *overrides), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=240)
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    proc = subprocess.Popen(_torchrun(run, manifest, *overrides), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while not list_checkpoints(run / "checkpoints") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun group: launcher and both ranks
-    proc.wait(timeout=30)
+    # Interrupt the workers themselves (torchrun starts them in their own sessions, so killing the launcher's
+    # process group would leave them running to the end): each rank sends itself SIGKILL once step 5 is done,
+    # one step after the checkpoint of step 4 (the test hook of training/common/faults.py).
+    killed = subprocess.run(_torchrun(run, manifest, *overrides), cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**_env(), "OPENUS_HUB_TEST_KILL_AT": "step:step=5"})
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert "Signal 9" in killed.stderr or "SIGKILL" in killed.stderr, killed.stderr[-3000:]
     saved = [s for s, _ in list_checkpoints(run / "checkpoints")]
-    assert saved and max(saved) < 30, f"the run was not interrupted mid-way (checkpoints {saved})"
+    assert saved == [2, 4], f"the run was not interrupted after step 5 (checkpoints {saved})"
+    logged = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert logged == [0, 1, 2, 3, 4], logged  # step 5 (index 4) was trained and logged, then lost
 
-    resumed = subprocess.run(_torchrun(run, manifest, *overrides, "--resume", "auto"), cwd=REPO, env=_env(),
-                             capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(_torchrun(run, manifest, "--resume", "auto", *overrides), cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
+    starts = re.findall(r"resumed from \S*checkpoint_(\d{8})\.pth at step (\d+)", resumed.stderr)
+    assert starts == [("00000004", "4")], resumed.stderr[-3000:]  # a real resume, well before the end (30)
+    # the log holds each step once, as the uninterrupted run's does (the resumed run redid step 5 and dropped the
+    # interrupted run's record of it), with the same values
+    assert (run / "log.jsonl").read_text() == (ref / "log.jsonl").read_text()
 
     a = load(ref / "checkpoints" / "checkpoint_00000030.pth")
     b = load(run / "checkpoints" / "checkpoint_00000030.pth")
@@ -206,3 +211,11 @@ def test_quickstart_produces_its_files(tmp_path, caplog):
     before = (tmp_path / "exported" / "model.safetensors").read_bytes()
     assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4"]) == 2
     assert (tmp_path / "exported" / "model.safetensors").read_bytes() == before
+    # --overwrite replaces only a quickstart's own files: one of the user's inside run/ stops it, named, untouched
+    (tmp_path / "run" / "checkpoints" / "notes.txt").write_text("mine")
+    assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4", "--overwrite"]) == 2
+    assert (tmp_path / "run" / "checkpoints" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "exported" / "model.safetensors").read_bytes() == before
+    (tmp_path / "run" / "checkpoints" / "notes.txt").unlink()
+    assert quickstart.main(["--output-dir", str(tmp_path), "--steps", "2", "--frames", "4", "--overwrite"]) == 0
+    assert (tmp_path / "exported" / "model.safetensors").is_file()

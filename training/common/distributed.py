@@ -9,7 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_object", "all_reduce_sum", "any_true", "barrier", "cleanup", "init_distributed", "is_dist"]
+__all__ = ["all_gather_object", "all_reduce_sum", "any_true", "barrier", "cleanup", "init_distributed", "is_dist",
+           "on_rank0"]
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -46,6 +47,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_dist():
         dist.all_reduce(t)
     return t
+
+
+def on_rank0(fn):
+    """Run ``fn()`` on rank 0 only (file-system checks, choosing a checkpoint); every rank returns its result, or
+    raises the exception it raised, so all ranks stop together with the same one-line error."""
+    if not is_dist():
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, fn())]
+        except Exception as err:  # re-raised on every rank below
+            box = [(False, err)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def barrier() -> None:
