@@ -88,6 +88,20 @@ def _bilinear_channels_last(hidden_states: torch.Tensor, size=None, scale_factor
     return hidden_states.permute(0, 2, 3, 1)
 
 
+def trunc_normal_init_(tensor: torch.Tensor, std: float, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """``trunc_normal_(tensor, std=std, a=a, b=b)`` (mean 0; timm's and upstream's linear init, with absolute bounds).
+
+    When both bounds lie 10 or more standard deviations out, no sample can reach them: torch's normal generators
+    (Box-Muller on CPU and CUDA) produce at most about 8.6 standard deviations from a double-precision uniform. There
+    torch's rejection loop never redraws, so a plain ``normal_`` gives the same values from the same random stream,
+    without the loop's comparisons and reductions over every weight (a tenth of a 50M-parameter model's construction
+    time on a loaded 2-core machine). Tensors loaded from a checkpoint are left alone, as by transformers' ``init``.
+    """
+    if min(-a, b) >= 10.0 * std:
+        return init.normal_(tensor, mean=0.0, std=std)
+    return init.trunc_normal_(tensor, std=std, a=a, b=b)
+
+
 def _drop_path_rates(rate: float, count: int) -> list[float]:
     """Stochastic depth rising linearly from 0 to ``rate`` over ``count`` blocks (computed on the CPU, so models can
     also be built on the meta device)."""
@@ -185,7 +199,8 @@ class OpenUSMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(k * inner))  # [K*D]
         self.out_norm = nn.LayerNorm(inner, eps=config.layer_norm_eps)
         self.out_proj = nn.Linear(inner, dim, bias=False)
-        self.reset_scan_parameters()
+        # the scan parameters are set by the model's `_init_weights` (`reset_scan_parameters`), once, as transformers
+        # initialises every module, and never for tensors loaded from a checkpoint
 
     @classmethod
     def for_stage(cls, config: OpenUSConfig, stage: int) -> OpenUSMixer:
@@ -206,8 +221,7 @@ class OpenUSMixer(nn.Module):
         dt = torch.exp(torch.rand(k, inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
         dt = dt.clamp(min=cfg.dt_init_floor)
         init.copy_(self.dt_proj_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        a = torch.arange(1, state + 1, dtype=torch.float32).repeat(k * inner, 1)
-        init.copy_(self.A_log, torch.log(a))
+        init.copy_(self.A_log, torch.log(torch.arange(1, state + 1, dtype=torch.float32)).expand(k * inner, state))
         init.ones_(self.D)
 
     def _scan_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -323,7 +337,7 @@ class OpenUSPreTrainedModel(PreTrainedModel):
         """Upstream initialisation (dino_vmamba.py:850-857): trunc_normal(0.02) linears with zero bias, LayerNorm
         (1, 0), PyTorch default convs, Mamba "v0" for the scan parameters, zero mask token."""
         if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            trunc_normal_init_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
