@@ -134,8 +134,8 @@ def _out_norm(model: torch.nn.Module, stage: int, hidden_state: torch.Tensor) ->
     if str(stage) in norms:
         normed = norms[str(stage)](channels_last)
     else:
-        eps = model.config.layer_norm_eps
-        normed = torch.nn.functional.layer_norm(channels_last, channels_last.shape[-1:], eps=eps)
+        width = model.config.hidden_sizes[stage]  # from the config, so an ONNX trace keeps it a constant
+        normed = torch.nn.functional.layer_norm(channels_last, (width,), eps=model.config.layer_norm_eps)
     return normed.permute(0, 3, 1, 2)
 
 
