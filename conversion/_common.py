@@ -42,6 +42,7 @@ __all__ = [
     "check_floating_point",
     "check_output_dir",
     "check_sha256",
+    "max_abs_diff",
     "one_line",
     "recover_interrupted_swap",
     "save_atomic",
@@ -138,6 +139,22 @@ def check_floating_point(tensors: dict, path: str, allow_nonfinite: bool = False
         raise ConversionError(f"{path} holds non-finite weights (NaN/Inf) in {len(bad)} tensor(s), e.g. "
                               f"{', '.join(bad[:3])}: the checkpoint is corrupt or training diverged; pass "
                               "--allow-nonfinite to convert it anyway")
+
+
+def max_abs_diff(a, b, nonfinite_ok: bool = False) -> float:
+    """Max |a - b|. NaN/Inf must sit at the same places with the same values, or the result is inf; with
+    ``nonfinite_ok`` (weights converted with --allow-nonfinite, whose NaN spreads differently through each scan
+    implementation) only the entries finite in both are compared."""
+    import torch
+
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if nonfinite_ok:
+        both = fa & fb
+        return (a[both] - b[both]).abs().max().item() if both.any() else 0.0
+    if not torch.equal(fa, fb) or not torch.equal(torch.isnan(a), torch.isnan(b)) or not torch.equal(
+            a[~fa & ~torch.isnan(a)], b[~fb & ~torch.isnan(b)]):
+        return float("inf")
+    return (a[fa] - b[fb]).abs().max().item() if fa.any() else 0.0
 
 
 def one_line(err: BaseException | str) -> str:

@@ -15,10 +15,11 @@ group; anything else is an error.
 
 With ``--seg-head HEAD`` the output is one ``OpenUSForSemanticSegmentation`` folder (backbone + upstream MambaDecoder
 head, ``vmamba_models/MambaDecoder.py:151-280``), loadable with ``AutoModelForSemanticSegmentation``. ``HEAD`` is what
-upstream's ``eval_segmentation.py`` saves (``{epoch, state_dict, optimizer, scheduler, best_miou, best_dice}``, the head's keys
-``decoder.*``), or a plain state dict (``.safetensors``/``.pth``) holding the head as top-level ``decoder.*`` keys,
-e.g. beside ``backbone.*``; ``--seg-head`` without a value takes the head from ``--checkpoint``. The decoder's width,
-depths, d_state, SS2D ratio, attention reductions and number of labels are inferred from the head's shapes.
+upstream's ``eval_segmentation.py`` saves (``{epoch, state_dict, optimizer, scheduler, best_miou, best_dice}``, the
+head's keys ``decoder.*``), or a plain state dict (``.safetensors``/``.pth``) holding the head as top-level
+``decoder.*`` keys, e.g. beside ``backbone.*``; ``--seg-head`` without a value takes the head from ``--checkpoint``.
+The decoder's width, depths, d_state, SS2D ratio, attention reductions and number of labels are inferred from the
+head's shapes.
 
 Integrity: a zip checkpoint's member CRCs are verified before it is read (``torch.load`` does not check them), and
 ``--expect-sha256`` checks the whole file. Every kept tensor must be floating point and finite (``--allow-nonfinite``
@@ -54,11 +55,11 @@ from collections import defaultdict
 import torch
 
 if __package__:  # imported as the `conversion` package
-    from ._common import (ConversionError, check_floating_point, check_output_dir, check_sha256, one_line,
-                          save_atomic, sha256_file, verify_zip_checkpoint)
+    from ._common import (ConversionError, check_floating_point, check_output_dir, check_sha256, max_abs_diff,
+                          one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 else:  # run as a script: this folder is on sys.path
-    from _common import (ConversionError, check_floating_point, check_output_dir, check_sha256, one_line,
-                         save_atomic, sha256_file, verify_zip_checkpoint)
+    from _common import (ConversionError, check_floating_point, check_output_dir, check_sha256, max_abs_diff,
+                         one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 
 logger = logging.getLogger("convert_openus_to_hf")
 
@@ -643,20 +644,6 @@ def _output_tensors(out) -> dict:
         elif isinstance(value, (tuple, list)):
             flat.update({f"{key}[{i}]": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
     return flat
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor, nonfinite_ok: bool = False) -> float:
-    """Max |a - b|. NaN/Inf must sit at the same places with the same values, or the result is inf; with
-    ``nonfinite_ok`` (weights converted with --allow-nonfinite, whose NaN spreads differently through each scan
-    implementation) only the entries finite in both are compared."""
-    fa, fb = torch.isfinite(a), torch.isfinite(b)
-    if nonfinite_ok:
-        both = fa & fb
-        return (a[both] - b[both]).abs().max().item() if both.any() else 0.0
-    if not torch.equal(fa, fb) or not torch.equal(torch.isnan(a), torch.isnan(b)) or not torch.equal(
-            a[~fa & ~torch.isnan(a)], b[~fb & ~torch.isnan(b)]):
-        return float("inf")
-    return (a[fa] - b[fb]).abs().max().item() if fa.any() else 0.0
 
 
 def self_check(model, folder: str, size: int = 64, seed: int = 0) -> list[dict]:
