@@ -70,7 +70,7 @@ def _embed_diffs(model, x, expected):
 
 
 def _scale(expected, what):
-    """Largest |value| of an upstream output group: bounds below are relative to it (float32 rounding scales with it)."""
+    """Largest |value| of an upstream output group; bounds are relative to it (float32 rounding scales with it)."""
     if what == "logits":
         return expected["logits"].abs().max().item()
     return max(t.abs().max().item() for t in expected["feats" if what == "hidden_states" else "embeds"])
