@@ -33,6 +33,30 @@ def parity_path(*parts: str) -> Path:
     return path
 
 
+# pydicom's ybr_color (a JPEG echo cine) frame 0 as the parity fixtures decoded it: pydicom 3.0.2 with its Pillow
+# plugin (Pillow 13.0.0, libjpeg-turbo). The fixture READMEs record the first 16 hex digits (52353e7c7c11b14a). Other
+# JPEG decoders (pylibjpeg from the [dicom] extra, GDCM) round the YCbCr upsampling differently, by up to 2/255.
+YBR_FRAME0_SHA256 = "52353e7c7c11b14a3b82a7b9258df5f844f5ac01c504fb2198d98e755043202d"
+
+
+def ybr_fixture_frame():
+    """Frame 0 of pydicom's ``ybr_color`` decoded the way the parity fixtures were made (Pillow plugin), checked by
+    sha256 first so that a different decode fails with this message, not as a numeric difference further on."""
+    import hashlib
+
+    import pydicom.examples
+    from pydicom.pixels import pixel_array
+
+    frame = pixel_array(pydicom.examples.get_path("ybr_color"), index=0, decoding_plugin="pillow")
+    digest = hashlib.sha256(frame.tobytes()).hexdigest()
+    if digest != YBR_FRAME0_SHA256:
+        pytest.fail(f"pydicom's Pillow plugin decodes ybr_color frame 0 to sha256 {digest[:16]}..., the parity "
+                    f"fixtures were made from {YBR_FRAME0_SHA256[:16]}... (Pillow 13.0.0): a different Pillow/libjpeg "
+                    "build decodes JPEG differently, so the fixtures' real-image inputs cannot be reproduced here",
+                    pytrace=False)
+    return frame
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

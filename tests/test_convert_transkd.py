@@ -17,7 +17,7 @@ from transformers import AutoImageProcessor, SegformerForSemanticSegmentation
 
 from conversion import convert_transkd_to_hf as conv
 from conversion.model_card import validate_card
-from tests.conftest import parity_path
+from tests.conftest import parity_path, ybr_fixture_frame
 
 MEASURED: dict[str, float] = {}
 
@@ -206,11 +206,9 @@ def test_folder_loads_with_plain_transformers_and_processor_matches_transkd_inpu
     assert res.returncode == 0, res.stderr[-2000:]
     assert "SegformerForSemanticSegmentation segformer False torch.Size([1, 20, 16, 16])" in res.stdout
     # the processor reproduces the fixtures' real input: pydicom ybr_color frame 0, PIL bilinear, /255, no mean/std
-    import pydicom
     from PIL import Image
 
-    ds = pydicom.dcmread(pydicom.examples.get_path("ybr_color"))
-    frame = Image.fromarray(ds.pixel_array[0])
+    frame = Image.fromarray(ybr_fixture_frame())  # decoded as the fixture was (sha256 checked)
     # the PIL backend is TransKD's pipeline exactly; where torchvision is installed, transformers defaults to its
     # backend, whose uint8 resize rounds differently (at most one grey level, 1/255)
     proc = AutoImageProcessor.from_pretrained(out, backend="pil")
