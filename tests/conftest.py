@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub at import time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import contextlib  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -55,6 +58,25 @@ def ybr_fixture_frame():
                     "build decodes JPEG differently, so the fixtures' real-image inputs cannot be reproduced here",
                     pytrace=False)
     return frame
+
+
+@contextlib.contextmanager
+def read_only_dir(folder: Path):
+    """A folder nobody may write into: mode 555, or for root (which ignores modes) the immutable attribute."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
+                                                         capture_output=True).returncode != 0:
+        pytest.skip("cannot make a read-only folder here: running as root on a file system without chattr +i")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,6 @@ The swap is killed with SIGKILL at each of its steps (through the module's test 
 target folder must never be missing (where renameat2 RENAME_EXCHANGE is available) and the next run must finish or
 roll back the swap and leave no temporary behind."""
 
-import contextlib
 import os
 import shutil
 import socket
@@ -16,7 +15,7 @@ import pytest
 from conversion import _common
 from conversion import convert_openus_to_hf as conv
 from conversion._common import ConversionError, recover_interrupted_swap, write_folder_atomic
-from tests.conftest import REPO_ROOT, parity_path
+from tests.conftest import REPO_ROOT, parity_path, read_only_dir
 
 
 def _writer(content: str):
@@ -93,32 +92,13 @@ def test_output_under_a_file_or_unwritable_parent_is_a_one_line_error(tmp_path, 
     assert err.startswith("error: cannot create --output-dir") and err.count("\n") == 1
     parent = tmp_path / "locked"
     parent.mkdir()
-    with _read_only(parent):
+    with read_only_dir(parent):
         with pytest.raises(ConversionError, match="is not writable"):
             write_folder_atomic(parent / "out", _writer("v1"))
         assert conv.main(["--checkpoint", ckpt, "--output-dir", str(parent / "out"), "--no-card"]) == 2
         err = capsys.readouterr().err
         assert "is not writable" in err and err.count("\n") == 1
     assert os.listdir(parent) == []
-
-
-@contextlib.contextmanager
-def _read_only(folder):
-    """A folder nobody may write into: mode 555, or for root (which ignores modes) the immutable attribute."""
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        try:
-            yield
-        finally:
-            folder.chmod(0o755)
-        return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
-                                                         capture_output=True).returncode != 0:
-        pytest.skip("cannot make a read-only folder here: running as root on a file system without chattr +i")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 def test_write_failure_leaves_the_target_and_no_temporaries(tmp_path):
