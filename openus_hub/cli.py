@@ -334,7 +334,8 @@ def _embed_run(args: argparse.Namespace) -> int:
                 data, old_meta = read_output(partial)
                 if all(_same(old_meta.get(k), meta[k]) for k in _SETTINGS):
                     base = data
-                    logger.info("continuing the interrupted --overwrite run in %s (%d rows)", partial, len(data["source"]))
+                    logger.info("continuing the interrupted --overwrite run in %s (%d rows)", partial,
+                                len(data["source"]))
             except ValueError:
                 pass
     else:
