@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub at impor
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import contextlib  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -17,8 +18,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = Path(os.environ.get("OPENUS_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
 
 # CI (.ci/run) exports OPENUS_HUB_STRICT_TESTS=1: then a missing prerequisite that CI always has (parity fixtures, the
-# CPU scan kernel, the peer test suites) fails the test instead of skipping it. On a user's machine it skips.
+# CPU scan kernel, optional test dependencies, the peer test suites) fails the test instead of skipping it. On a user's
+# machine it skips. Under STRICT, every skip whose reason does not match _ALLOWED_SKIPS is reported as a failure
+# (pytest_runtest_makereport / pytest_make_collect_report below), so a skip added anywhere cannot hide a missing
+# prerequisite in CI.
 STRICT = os.environ.get("OPENUS_HUB_STRICT_TESTS", "") not in ("", "0")
+# What CI cannot have: a CUDA device (and mamba-ssm, which needs one), and facts of a machine that tests state with a
+# reason starting "environment:" (e.g. a file system without renameat2 RENAME_EXCHANGE, an optional decoder installed)
+_ALLOWED_SKIPS = re.compile(r"CUDA|GPU|mamba[-_]ssm|^environment:", re.IGNORECASE)
 
 
 def skip_or_fail(reason: str) -> None:
@@ -72,11 +79,40 @@ def read_only_dir(folder: Path):
         return
     if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
                                                          capture_output=True).returncode != 0:
-        pytest.skip("cannot make a read-only folder here: running as root on a file system without chattr +i")
+        pytest.skip("environment: cannot make a read-only folder here (root, on a file system without chattr +i)")
     try:
         yield
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not _ALLOWED_SKIPS.search(reason):
+            report.outcome = "failed"
+            report.longrepr = f"skipped under OPENUS_HUB_STRICT_TESTS=1, where CI must have this: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped:  # a module-level skip (importorskip of an optional test dependency)
+        reason = _skip_reason(report)
+        if not _ALLOWED_SKIPS.search(reason):
+            report.outcome = "failed"
+            report.longrepr = f"{collector.nodeid} skipped under OPENUS_HUB_STRICT_TESTS=1, where CI must have this: " \
+                              f"{reason}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -153,7 +153,7 @@ FALLBACK_STEPS = ["writing", "staged", "ready", "aside", "renamed-in", "old-remo
 @pytest.mark.parametrize("exchange,step", [(True, s) for s in EXCHANGE_STEPS] + [(False, s) for s in FALLBACK_STEPS])
 def test_kill_at_each_swap_step_never_loses_the_target(tmp_path, exchange, step):
     if exchange and not _exchange_supported(tmp_path):
-        pytest.skip("renameat2(RENAME_EXCHANGE) is not supported by this file system or kernel")
+        pytest.skip("environment: renameat2(RENAME_EXCHANGE) is not supported by this file system or kernel")
     out = tmp_path / "out"
     write_folder_atomic(out, _writer("old"))
     script = tmp_path / "killer.py"

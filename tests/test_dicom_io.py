@@ -174,7 +174,7 @@ def test_missing_decoder_names_the_extra():
 
     ds = pydicom.dcmread(get_testdata_file("JPEGLSNearLossless_08.dcm"))
     if get_decoder(ds.file_meta.TransferSyntaxUID).is_available:
-        pytest.skip("a JPEG-LS decoder is installed here")
+        pytest.skip("environment: a JPEG-LS decoder is installed here (e.g. the [dicom] extra)")
     with pytest.raises(DicomDecoderMissingError, match=r"openus_hub\[dicom\]"):
         read_dicom(ds)
 
