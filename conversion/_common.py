@@ -23,6 +23,7 @@ finish the swap (the new folder was complete) or roll it back (it was not), and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import fnmatch
@@ -39,6 +40,7 @@ from zlib import error as zlib_error
 __all__ = [
     "EXPORT_FILE_PATTERNS",
     "ConversionError",
+    "blaming",
     "check_floating_point",
     "check_output_dir",
     "check_sha256",
@@ -155,6 +157,18 @@ def max_abs_diff(a, b, nonfinite_ok: bool = False) -> float:
             a[~fa & ~torch.isnan(a)], b[~fb & ~torch.isnan(b)]):
         return float("inf")
     return (a[fa] - b[fb]).abs().max().item() if fa.any() else 0.0
+
+
+@contextlib.contextmanager
+def blaming(*paths: str):
+    """Prefix the input file(s) to a :class:`ConversionError` raised inside that names none of them yet, so every
+    error about a checkpoint's content names the file."""
+    try:
+        yield
+    except ConversionError as err:
+        if any(str(p) in str(err) for p in paths if p):
+            raise
+        raise ConversionError(f"{' + '.join(str(p) for p in paths if p)}: {err}") from None
 
 
 def one_line(err: BaseException | str) -> str:

@@ -55,11 +55,11 @@ from collections import defaultdict
 import torch
 
 if __package__:  # imported as the `conversion` package
-    from ._common import (ConversionError, check_floating_point, check_output_dir, check_sha256, max_abs_diff,
-                          one_line, save_atomic, sha256_file, verify_zip_checkpoint)
+    from ._common import (ConversionError, blaming, check_floating_point, check_output_dir, check_sha256,
+                          max_abs_diff, one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 else:  # run as a script: this folder is on sys.path
-    from _common import (ConversionError, check_floating_point, check_output_dir, check_sha256, max_abs_diff,
-                         one_line, save_atomic, sha256_file, verify_zip_checkpoint)
+    from _common import (ConversionError, blaming, check_floating_point, check_output_dir, check_sha256,
+                         max_abs_diff, one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 
 logger = logging.getLogger("convert_openus_to_hf")
 
@@ -415,10 +415,16 @@ def _drop_path_for(kwargs: dict) -> float:
 
 def convert(checkpoint: str, source: str = "teacher", keep_mask_token: bool = False, *,
             expect_sha256: str | None = None, allow_nonfinite: bool = False):
-    """Load and convert; returns (model, report dict). Raises ConversionError on anything unexpected."""
+    """Load and convert; returns (model, report dict). Raises ConversionError (naming the file) on anything
+    unexpected."""
+    ckpt = load_checkpoint(checkpoint, expect_sha256)
+    with blaming(checkpoint):
+        return _convert(ckpt, checkpoint, source, keep_mask_token, allow_nonfinite)
+
+
+def _convert(ckpt: dict, checkpoint: str, source: str, keep_mask_token: bool, allow_nonfinite: bool):
     from openus_hub import OpenUSConfig, OpenUSModel
 
-    ckpt = load_checkpoint(checkpoint, expect_sha256)
     backbone, dropped = extract_backbone(ckpt, source)
     with _shapes_of(checkpoint, "OpenUS backbone"):
         kwargs = infer_config_kwargs(backbone)
@@ -553,13 +559,20 @@ def convert_segmentation(checkpoint: str, seg_head: str | None = None, source: s
     """Backbone from ``checkpoint`` + MambaDecoder head from ``seg_head`` (default: the same file) -> an
     ``OpenUSForSemanticSegmentation``; returns (model, report dict). Raises ConversionError on anything unexpected.
     ``expect_sha256`` is checked against ``checkpoint``."""
+    ckpt = load_checkpoint(checkpoint, expect_sha256)
+    same_file = seg_head is None or os.path.abspath(seg_head) == os.path.abspath(checkpoint)
+    head_ckpt = ckpt if same_file else load_checkpoint(seg_head)
+    with blaming(checkpoint, None if same_file else seg_head):
+        return _convert_segmentation(ckpt, head_ckpt, checkpoint, checkpoint if same_file else seg_head, same_file,
+                                     source, keep_mask_token, allow_nonfinite)
+
+
+def _convert_segmentation(ckpt: dict, head_ckpt: dict, checkpoint: str, head_file: str, same_file: bool, source: str,
+                          keep_mask_token: bool, allow_nonfinite: bool):
     from openus_hub import OpenUSConfig, OpenUSForSemanticSegmentation
 
-    ckpt = load_checkpoint(checkpoint, expect_sha256)
     backbone, dropped = extract_backbone(ckpt, source)
-    same_file = seg_head is None or os.path.abspath(seg_head) == os.path.abspath(checkpoint)
-    head_file = checkpoint if same_file else seg_head
-    head, dropped_head = extract_seg_head(ckpt if same_file else load_checkpoint(seg_head))
+    head, dropped_head = extract_seg_head(head_ckpt)
     check_floating_point(head, head_file, allow_nonfinite)
     for group in ("non-backbone group 'decoder.*'", "non-backbone group 'module.decoder.*'"):
         if group in dropped:  # a head inside the backbone file: kept when it is the head converted, else reported

@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 
 if __package__:  # imported as the `conversion` package
-    from ._common import (ConversionError, check_floating_point, check_output_dir, check_sha256, max_abs_diff,
-                          one_line, save_atomic, sha256_file, verify_zip_checkpoint)
+    from ._common import (ConversionError, blaming, check_floating_point, check_output_dir, check_sha256,
+                          max_abs_diff, one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 else:  # run as a script: this folder is on sys.path
-    from _common import (ConversionError, check_floating_point, check_output_dir, check_sha256, max_abs_diff,
-                         one_line, save_atomic, sha256_file, verify_zip_checkpoint)
+    from _common import (ConversionError, blaming, check_floating_point, check_output_dir, check_sha256,
+                         max_abs_diff, one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 
 logger = logging.getLogger("convert_transkd_to_hf")
 
@@ -309,12 +309,18 @@ def _is_counter(key: str) -> bool:
 
 
 def convert(checkpoint: str, variant: str, *, expect_sha256: str | None = None, allow_nonfinite: bool = False):
-    """Load and convert; returns (model, report). ``report['dropped']`` maps each KD group to its keys."""
-    from transformers import SegformerForSemanticSegmentation
-
+    """Load and convert; returns (model, report). ``report['dropped']`` maps each KD group to its keys. Raises
+    ConversionError (naming the file) on anything unexpected."""
     if variant not in VARIANTS:
         raise ConversionError(f"--variant must be one of {sorted(VARIANTS)}")
     state, skipped = load_checkpoint(checkpoint, expect_sha256)
+    with blaming(checkpoint):
+        return _convert(state, skipped, checkpoint, variant, allow_nonfinite)
+
+
+def _convert(state: dict, skipped: list[str], checkpoint: str, variant: str, allow_nonfinite: bool):
+    from transformers import SegformerForSemanticSegmentation
+
     student, dropped = select_student(state, variant)
     check_floating_point(student, checkpoint, allow_nonfinite, exempt=_is_counter)
     scalars = [k for k, v in student.items() if v.dim() == 0 and not _is_counter(k)]

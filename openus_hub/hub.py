@@ -243,7 +243,8 @@ def _scan_text(rel: str, text: str, report: _Report) -> None:
         for m in _ABS_PATH.finditer(line):
             path = m.group(0).rstrip(".,;:")
             generic = path.startswith(("/home/", "/Users/", "/root/", "file://")) or re.match(r"[A-Za-z]:\\", path)
-            existing = path.split("/")[1] not in _SYSTEM_ROOTS and len(path) > 4 and os.path.exists(path)
+            existing = (path.startswith("/") and path.split("/")[1] not in _SYSTEM_ROOTS and len(path) > 4
+                        and os.path.exists(path))
             if generic or any(path.startswith(k) for k in markers) or existing:
                 seen.add(path)
         for path in sorted(seen):
