@@ -221,9 +221,12 @@ def _listing(folder: str) -> list[str]:
 def _remote_code_files() -> set[str]:
     """Names of the source files ``save_pretrained`` copies beside an OpenUS model for ``trust_remote_code``: the
     modeling and ops modules and the kernel sources, at the top level or under ``csrc/``."""
-    import openus_hub
+    import importlib.util
 
-    root = os.path.dirname(os.path.abspath(openus_hub.__file__))
+    spec = importlib.util.find_spec("openus_hub")  # located, not imported (importing it loads torch)
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    root = os.path.abspath(list(spec.submodule_search_locations)[0])
     names = set()
     for sub in ("ops", os.path.join("models", "openus"), "csrc"):
         folder = os.path.join(root, sub)
