@@ -254,6 +254,9 @@ def _first_existing_ancestor(path: str) -> str:
 
 
 def _check_target(target: str, overwrite: bool, inputs: Iterable[str], what: str) -> None:
+    if os.path.islink(target):
+        raise ConversionError(f"{what} {target} is a symlink; give the folder it points to "
+                              f"({os.path.realpath(target)}) or a new path")
     if os.path.lexists(target) and not os.path.isdir(target):
         raise ConversionError(f"{what} {target} exists and is not a folder; choose another path")
     anc = _first_existing_ancestor(os.path.dirname(target))

@@ -17,6 +17,11 @@ from openus_hub import OpenUSConfig, OpenUSModel
 from tests.conftest import REPO_ROOT, parity_path
 
 CONFIGS = ["cfg_a", "cfg_b", "cfg_c"]
+# Max abs difference to the upstream outputs (stage maps and tokens, values up to ~4.3). Measured over cfg_a/b/c and
+# 224/96/real inputs, reference and cpu_kernel scans: 6.2e-6 with AVX-512 kernel dispatch, 1.03e-5 with AVX2 or
+# scalar dispatch (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS); the fixtures' own noise
+# floor (1 vs 2 threads) is 3.5e-6. The smallest effect of ignoring any single tensor is 5.4e-3 (fixture README). 1e-4
+# keeps a 10x margin over the worst measured difference and sits 50x below the smallest real error.
 TOL = 1e-4
 
 
