@@ -222,6 +222,8 @@ def test_attention_map_matches_upstream(cfg):
         (attention,) = out.attentions
         assert attention.shape == io[f"attn_{suffix}"].shape
         err = (minmax_normalize(attention) - io[f"attn_{suffix}"]).abs().max().item()
+        # values in [0, 1]; measured <= 2.0e-6 with AVX-512, AVX2 and scalar dispatch (5x margin); reproducing the
+        # clamp matters by several 1e-3 on cfg_c (fixture README)
         assert err <= 1e-5, f"attn_{suffix}: max abs diff {err:.2e}"
         torch.testing.assert_close(out.last_hidden_state, model(io[f"pixel_values_{suffix}"]).last_hidden_state)
 
