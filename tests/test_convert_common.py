@@ -128,7 +128,6 @@ def test_a_live_writer_holds_the_lock_a_dead_one_does_not(tmp_path):
 
 _KILLER = """
 import os, signal, sys
-sys.path.insert(0, {root!r})
 from conversion import _common
 target, step, exchange = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 _common._USE_EXCHANGE = exchange
@@ -157,9 +156,10 @@ def test_kill_at_each_swap_step_never_loses_the_target(tmp_path, exchange, step)
     out = tmp_path / "out"
     write_folder_atomic(out, _writer("old"))
     script = tmp_path / "killer.py"
-    script.write_text(_KILLER.format(root=str(REPO_ROOT)))
+    script.write_text(_KILLER)
     res = subprocess.run([sys.executable, str(script), str(out), step, "1" if exchange else "0"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert res.returncode == -9, res.stderr[-2000:]
     expected = "new" if (EXCHANGE_STEPS if exchange else FALLBACK_STEPS).index(step) >= 2 else "old"
     state = _state(out)
@@ -178,7 +178,7 @@ def test_next_run_recovers_before_writing(tmp_path):
     out = tmp_path / "out"
     write_folder_atomic(out, _writer("old"))
     script = tmp_path / "killer.py"
-    script.write_text(_KILLER.format(root=str(REPO_ROOT)))
+    script.write_text(_KILLER)
     assert subprocess.run([sys.executable, str(script), str(out), "aside", "0"], timeout=120).returncode == -9
     assert not out.exists() and _leftovers(tmp_path)
     with pytest.raises(ConversionError, match="holds a previous export"):  # recovered first, then refused as usual
