@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .io import DicomImage, is_dicom_file, load_image_file, read_dicom, select_frames
-from .io.dicom import dicom_dataset
+from .io.dicom import dicom_dataset, number_of_frames
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def expand_input(
             return [InputItem(image, str(path), 0, _shape_of(image))]
     if isinstance(item, Dataset):
         source = str(getattr(item, "filename", None) or f"<input {index}>")
-        n = int(item.get("NumberOfFrames", 1) or 1)
+        n = number_of_frames(item, source)
         item = read_dicom(item, frames=select_frames(n, frame_stride, num_frames), crop=dicom_crop)
         item_source = source
     elif isinstance(item, DicomImage):
@@ -82,6 +82,7 @@ def expand_input(
         item = DicomImage(item.frames[keep], [item.frame_indices[i] for i in keep], item.metadata)
         item_source = f"<input {index}>"
     else:
+        _check_finite(item, index)
         return [InputItem(item, f"<input {index}>", 0, _shape_of(item))]
     meta = item.metadata
     shape = (meta.rows, meta.columns, int(item.frames.shape[-1]))
@@ -91,6 +92,20 @@ def expand_input(
         )
         for i, f in enumerate(item.frame_indices)
     ]
+
+
+def _check_finite(item: Any, index: int) -> None:
+    """An in-memory float image with NaN/Inf would become a NaN embedding row: refuse it."""
+    if isinstance(item, torch.Tensor):
+        bad = int((~torch.isfinite(item)).sum()) if item.is_floating_point() else 0
+    elif isinstance(item, np.ndarray) and np.issubdtype(item.dtype, np.floating):
+        bad = int((~np.isfinite(item)).sum())
+    else:
+        return
+    if bad:
+        total = item.numel() if isinstance(item, torch.Tensor) else item.size
+        raise ValueError(f"<input {index}>: {bad:,} of {total:,} values are NaN or infinite; replace them before "
+                         "extracting features")
 
 
 def _resolve_model(model: Any, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -134,8 +149,8 @@ def _out_norm(model: torch.nn.Module, stage: int, hidden_state: torch.Tensor) ->
     if str(stage) in norms:
         normed = norms[str(stage)](channels_last)
     else:
-        eps = model.config.layer_norm_eps
-        normed = torch.nn.functional.layer_norm(channels_last, channels_last.shape[-1:], eps=eps)
+        width = model.config.hidden_sizes[stage]  # from the config, so an ONNX trace keeps it a constant
+        normed = torch.nn.functional.layer_norm(channels_last, (width,), eps=model.config.layer_norm_eps)
     return normed.permute(0, 3, 1, 2)
 
 

@@ -31,7 +31,7 @@ def test_ybr_full_422_cine_is_converted_once():
     assert img.metadata.number_of_frames == 30 and img.metadata.photometric_interpretation == "YBR_FULL_422"
     assert img.metadata.frame_time_ms == pytest.approx(33.333)
     assert img.metadata.manufacturer == "SonoSite, Inc."
-    raw = pixel_array(path, index=0, raw=True)  # still YCbCr
+    raw = pixel_array(path, index=0, raw=True, decoding_plugin="pillow")  # still YCbCr, decoded as read_dicom does
     expected = convert_color_space(raw, "YBR_FULL", "RGB")
     assert np.abs(img.frames[0].astype(int) - expected.astype(int)).max() <= 1
     # no green tint: on the gray B-mode sector the channels agree (a second YBR->RGB would split them by ~100)
@@ -157,7 +157,7 @@ def test_errors_are_clear(tmp_path):
     text.write_text("this is not a DICOM file\n" * 20)
     with pytest.raises(DicomReadError, match="not a DICOM file"):
         read_dicom(text)
-    with pytest.raises(DicomReadError, match="truncated or corrupt"):
+    with pytest.raises(DicomReadError, match="MR_truncated.dcm: .* the file is truncated"):
         read_dicom(get_testdata_file("MR_truncated.dcm"))
     with pytest.raises(DicomReadError, match="no pixel data"):
         read_dicom(get_testdata_file("test-SR.dcm"))
@@ -174,6 +174,140 @@ def test_missing_decoder_names_the_extra():
 
     ds = pydicom.dcmread(get_testdata_file("JPEGLSNearLossless_08.dcm"))
     if get_decoder(ds.file_meta.TransferSyntaxUID).is_available:
-        pytest.skip("a JPEG-LS decoder is installed here")
+        pytest.skip("environment: a JPEG-LS decoder is installed here (e.g. the [dicom] extra)")
     with pytest.raises(DicomDecoderMissingError, match=r"openus_hub\[dicom\]"):
         read_dicom(ds)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bounded inputs: headers are checked against the data before anything is allocated; every file error names the file
+
+
+def _small_with_frames(tmp_path, n: int, source: str = "MR_small.dcm"):
+    ds = pydicom.dcmread(get_testdata_file(source) if source.endswith(".dcm") else pydicom.examples.get_path(source))
+    ds.NumberOfFrames = n
+    path = tmp_path / f"frames_{n}.dcm"
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("source", ["MR_small.dcm", "ybr_color"])  # uncompressed; JPEG (encapsulated)
+def test_a_frame_count_the_pixel_data_cannot_hold_is_refused_before_allocating(tmp_path, source):
+    """Finding: a 4.7 KB DICOM declaring 2**31 - 1 frames built a multi-GB list of frame indices (MemoryError)."""
+    import tracemalloc
+
+    from openus_hub import OpenUSImageProcessor
+    from openus_hub.features import expand_input
+
+    path = _small_with_frames(tmp_path, 2**31 - 1, source)
+    tracemalloc.start()
+    try:
+        for call in (lambda: read_dicom(path), lambda: expand_input(path),
+                     lambda: OpenUSImageProcessor()(str(path), return_tensors="np")):
+            with pytest.raises(DicomReadError, match=rf"^{path}: the header declares 2,147,483,647 frame\(s\)"):
+                call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_decoded_size_limit_names_the_limit(monkeypatch):
+    from openus_hub.io import dicom
+
+    monkeypatch.setattr(dicom, "MAX_DECODED_BYTES", 1_000_000)
+    path = pydicom.examples.get_path("ybr_color")  # 30 x 240 x 320 x 3 bytes
+    with pytest.raises(DicomReadError, match=r"decode to 6,912,000 bytes, more than the limit of 1,000,000 .*"
+                                             r"OPENUS_HUB_MAX_DECODED_BYTES"):
+        read_dicom(path)
+    assert read_dicom(path, frames=[0]).frames.shape == (1, 240, 320, 3)  # fewer frames fit
+
+
+def test_bad_header_value_names_the_file():
+    """Finding: badVR.dcm (NumberOfFrames '1A') raised `ValueError: invalid literal for int()` without a file name."""
+    from openus_hub import OpenUSImageProcessor
+    from openus_hub.features import expand_input
+
+    path = get_testdata_file("badVR.dcm")
+    for call in (lambda: read_dicom(path), lambda: expand_input(path),
+                 lambda: OpenUSImageProcessor()(path, return_tensors="np")):
+        with pytest.raises(DicomReadError, match=rf"^{path}: NumberOfFrames is '1A', not a whole number"):
+            call()
+
+
+@pytest.mark.parametrize("name", ["rtdose.dcm", "SC_rgb_rle_32bit.dcm"])
+def test_32_bit_pixels_are_rescaled_by_their_range(name):
+    """Finding: 32-bit pixels were clipped into uint16 (a uint32 file became all zeros or all 65535)."""
+    path = get_testdata_file(name)
+    raw = pixel_array(path).astype(np.float64)
+    img = read_dicom(path)
+    lo, hi = raw.min(), raw.max()
+    assert img.frames.dtype == np.uint16 and img.metadata.bits_stored == 16 and img.bit_depth == 16
+    assert img.metadata.value_range == (lo, hi) and img.frames.min() == 0 and img.frames.max() == 65535
+    expected = np.rint((raw - lo) * (65535 / (hi - lo))).astype(np.uint16).reshape(img.frames.shape)
+    assert np.array_equal(img.frames, expected)
+
+
+def _float_dicom(tmp_path, values):
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.PixelData
+    ds.FloatPixelData = values.astype(np.float32).tobytes()
+    ds.BitsAllocated = 32
+    for keyword in ("BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, keyword)
+    path = tmp_path / "float.dcm"
+    ds.save_as(path)
+    return path
+
+
+def test_float_pixels_are_rescaled_and_non_finite_ones_refused(tmp_path):
+    values = np.linspace(-2.5, 7.5, 64 * 64, dtype=np.float32).reshape(64, 64)
+    img = read_dicom(_float_dicom(tmp_path, values))
+    assert img.metadata.value_range == (-2.5, 7.5) and img.frames.dtype == np.uint16
+    assert img.frames[0, 0, 0, 0] == 0 and img.frames[0, -1, -1, 0] == 65535
+    values[10, 20] = np.nan
+    path = _float_dicom(tmp_path, values)
+    with pytest.raises(DicomReadError, match=rf"^{path}: 1 of 4,096 pixel values are NaN or infinite"):
+        read_dicom(path)
+
+
+def test_image_bombs_and_nan_images_are_clear_errors(tmp_path, monkeypatch):
+    """Finding: PIL's DecompressionBombError escaped; a NaN TIFF gave an all-NaN embedding row."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from openus_hub.io import ImageReadError, load_image_file
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"  # 57 bytes declaring 30000 x 30000 pixels
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError, match=rf"^{bomb}: Image size \(900000000 pixels\) exceeds limit .*"
+                                             r"PIL.Image.MAX_IMAGE_PIXELS .*OPENUS_HUB_MAX_IMAGE_PIXELS"):
+        load_image_file(bomb)
+    monkeypatch.setenv("OPENUS_HUB_MAX_IMAGE_PIXELS", str(10**9))  # raised: now it is read, and found truncated
+    with pytest.raises(ImageReadError, match=rf"^{bomb} could not be read as an image") as err:
+        load_image_file(bomb)
+    assert "bomb" not in str(err.value).split(":", 1)[1]
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # the global is restored
+    values = np.ones((16, 16), np.float32)
+    values[3, 4], values[5, 6] = np.nan, np.inf
+    tif = tmp_path / "nan.tif"
+    Image.fromarray(values).save(tif)
+    with pytest.raises(ImageReadError, match=rf"^{tif}: 2 of 256 pixels are NaN or infinite"):
+        load_image_file(tif)
+
+
+def test_jpeg_frames_decode_the_same_whichever_plugins_are_installed():
+    """Pillow decodes JPEG when it can, so installing the [dicom] extra (pylibjpeg) does not change the pixels; the
+    parity fixtures were made with it (sha256 in tests/conftest.py)."""
+    import hashlib
+
+    from tests.conftest import YBR_FRAME0_SHA256
+
+    img = read_dicom(pydicom.examples.get_path("ybr_color"), frames=[0])
+    assert hashlib.sha256(img.frames[0].tobytes()).hexdigest() == YBR_FRAME0_SHA256

@@ -10,6 +10,7 @@ from PIL import Image
 
 from openus_hub import OpenUSConfig, OpenUSImageProcessor, OpenUSModel
 from openus_hub.cli import main, read_output
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore::openus_hub.io.BurnedInAnnotationWarning")
 
@@ -98,3 +99,146 @@ def test_embed_bad_arguments(model_dir, tmp_path, capsys):
     except ImportError:
         with pytest.raises(SystemExit, match=r"openus_hub\[parquet\]"):
             main(["embed", str(tmp_path), "--model", str(model_dir), "--output", str(tmp_path / "o.parquet")])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# interruption, fingerprints, --overwrite, unreadable outputs
+
+
+def _pngs(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+def _embed_subprocess(args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "openus_hub.cli", "embed", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(proc, out, timeout=240.0):
+    """Poll until ``out`` holds rows (the first flush), while the process still runs."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if out.exists():
+            try:
+                if len(read_output(out)[0]["source"]):
+                    return
+            except ValueError:
+                pass
+        time.sleep(0.02)
+    raise AssertionError("no flush seen")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_interrupted_embed_keeps_its_work_and_a_rerun_continues(model_dir, tmp_path, sig):
+    """Finding: results were written only at the end: SIGINT or SIGKILL at file 25 of 60 lost all 25, and SIGINT
+    printed a traceback."""
+    import signal
+
+    inputs = _pngs(tmp_path / "many", 24)
+    out = tmp_path / "emb.npz"
+    args = [str(inputs), "--model", str(model_dir), "--output", str(out), "--batch-size", "1", "--flush-every", "2",
+            "--no-progress", "--device", "cpu"]
+    proc = _embed_subprocess(args, tmp_path)
+    _wait_for_rows(proc, out)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=240)
+    saved, _ = read_output(out)
+    assert 2 <= len(saved["source"]) < 24, "the run was not interrupted part-way"
+    if sig == "SIGKILL":
+        assert proc.returncode == -9
+    else:
+        assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[sig], err
+        assert "Traceback" not in err
+        (line,) = [ln for ln in err.splitlines() if "interrupted" in ln]
+        assert line.startswith(f"openus-hub embed: interrupted by {sig}: {len(saved['source'])} rows saved in")
+        assert line.endswith("run the same command again to continue")
+    assert main(["embed", *args]) == 0
+    data, _ = read_output(out)
+    assert len(data["source"]) == 24 and len(set(data["source"].tolist())) == 24
+    assert np.array_equal(data["embeddings"][: len(saved["source"])], saved["embeddings"])  # kept, not recomputed
+    if sig == "SIGKILL":  # the resumed table equals an uninterrupted run's
+        fresh = tmp_path / "fresh.npz"
+        assert main(["embed", *args[:4], str(fresh), *args[5:]]) == 0
+        got, want = data, read_output(fresh)[0]
+        assert np.array_equal(got["embeddings"][np.argsort(got["source"])],
+                              want["embeddings"][np.argsort(want["source"])])
+    assert not list(tmp_path.glob(".emb.npz.*.tmp")) or sig == "SIGKILL"
+    main(["embed", *args])  # the next run removes a killed run's temporary file
+    assert not list(tmp_path.glob(".emb.npz.*.tmp"))
+
+
+def test_fingerprint_covers_every_weight(model_dir, inputs, tmp_path, capsys):
+    """Finding: the fingerprint hashed only the first 64 values of the first parameter, so another model with the
+    same first values appended its rows to the old file."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)
+    weights = load_file(other / "model.safetensors")
+    key = sorted(weights)[-1]
+    weights[key] = weights[key] + 1.0  # a late tensor: the first parameter is unchanged
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "emb.npz"
+    (inputs / "broken.dcm").unlink()
+    assert main(["embed", str(inputs), "--model", str(model_dir), "--output", str(out), *ARGS]) == 0
+    before = out.read_bytes()
+    (inputs / "late.png").write_bytes((inputs / "still.png").read_bytes())
+    assert main(["embed", str(inputs), "--model", str(other), "--output", str(out), *ARGS]) == 2
+    assert "written with different model_fingerprint" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_overwrite_builds_the_new_file_first(model_dir, inputs, tmp_path, capsys):
+    """Finding: `embed --overwrite` replaced an 1800-row output with a 0-row file when every input failed."""
+    out = tmp_path / "emb.npz"
+    assert main(["embed", str(inputs), "--model", str(model_dir), "--output", str(out), *ARGS]) == 1
+    before = out.read_bytes()
+    rows = len(read_output(out)[0]["source"])
+    broken = tmp_path / "all_broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"b{i}.dcm").write_text("not a dicom\n" * 5)
+    capsys.readouterr()
+    assert main(["embed", str(broken), "--model", str(model_dir), "--output", str(out), "--overwrite", *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert f"no input could be embedded (3 skipped); kept the existing {out} ({rows} rows) unchanged" in err
+    assert out.read_bytes() == before and not list(tmp_path.glob(".emb*"))
+    (inputs / "broken.dcm").unlink()
+    assert main(["embed", str(inputs / "still.png"), "--model", str(model_dir), "--output", str(out), "--overwrite",
+                 *ARGS]) == 0
+    assert len(read_output(out)[0]["source"]) == 1 and not list(tmp_path.glob(".emb*"))
+
+
+def test_truncated_output_and_unwritable_folder_are_one_line_errors(model_dir, inputs, tmp_path, capsys):
+    """Finding: a truncated .npz output and a read-only output folder gave tracebacks."""
+    from tests.conftest import read_only_dir
+
+    out = tmp_path / "emb.npz"
+    (inputs / "broken.dcm").unlink()
+    assert main(["embed", str(inputs), "--model", str(model_dir), "--output", str(out), *ARGS]) == 0
+    out.write_bytes(out.read_bytes()[:300])
+    capsys.readouterr()
+    assert main(["embed", str(inputs), "--model", str(model_dir), "--output", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} is not a readable openus-hub embeddings file (truncated or corrupt?")
+    assert err.count("\n") == 1 and "refusing to overwrite it (pass --overwrite" in err
+    assert main(["embed", str(inputs), "--model", str(model_dir), "--output", str(out), "--overwrite", *ARGS]) == 0
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with read_only_dir(locked):
+        capsys.readouterr()
+        assert main(["embed", str(inputs), "--model", str(model_dir), "--output", str(locked / "e.npz"), *ARGS]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: cannot write {locked / 'e.npz'}: {locked} is not writable\n"

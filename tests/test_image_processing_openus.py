@@ -7,11 +7,10 @@ import pydicom.examples
 import pytest
 import torch
 from PIL import Image
-from pydicom.pixels import pixel_array
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
-from tests.conftest import parity_path
+from tests.conftest import parity_path, ybr_fixture_frame
 from openus_hub import OpenUSConfig, OpenUSImageProcessor, OpenUSImageProcessorPil
 
 pytestmark = pytest.mark.filterwarnings("ignore::openus_hub.io.BurnedInAnnotationWarning")
@@ -26,7 +25,7 @@ def _pv(proc, images, **kw):
 
 @pytest.fixture(scope="module")
 def ybr_frame0():
-    return pixel_array(pydicom.examples.get_path("ybr_color"), index=0)  # RGB uint8 (pydicom converts YBR)
+    return ybr_fixture_frame()  # RGB uint8 (pydicom converts YBR), decoded as the parity fixtures were
 
 
 def test_upstream_parity_pixel_values_real(ybr_frame0):

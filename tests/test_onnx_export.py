@@ -67,10 +67,10 @@ def _torch_outputs(model, x, stage_maps=True, backbone=None):
     folder's own out-norms) or, without one, ``out_normed_stage_maps`` as extract_features computes them."""
     with torch.no_grad():
         out = model(x, output_hidden_states=stage_maps)
-        maps = backbone(x).feature_maps if backbone is not None else out_normed_stage_maps(model, out.hidden_states)
-    res = {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
-    if stage_maps:
-        res.update({f"stage_maps.{i}": m for i, m in enumerate(maps)})
+        res = {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+        if stage_maps:
+            maps = backbone(x).feature_maps if backbone else out_normed_stage_maps(model, out.hidden_states)
+            res.update({f"stage_maps.{i}": m for i, m in enumerate(maps)})
     return {k: v.numpy() for k, v in res.items()}
 
 

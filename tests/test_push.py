@@ -211,3 +211,145 @@ def test_revision_branch_and_pull_request(hub, folder):
     result = push(folder, "test-org/x", create_pr=True)
     assert "create_pr=1" in hub.commits[-1]["create_pr"] and result["pr_url"].endswith("/discussions/1")
     assert not any("/branch/" in r["path"] for r in hub.requests)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# content, not names: the hostile folder of the finding, then each kind alone, --allow, and what we do publish
+
+HF_LIKE = "hf_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z"  # the shape of a Hugging Face token, not a real one
+
+
+def _bmp_bytes():
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(buf, format="BMP")
+    return buf.getvalue()
+
+
+def _hostile(folder, outside, kind):
+    """Add one hostile item to ``folder``; returns its relative name."""
+    import pickle
+
+    from pydicom.data import get_testdata_file
+
+    if kind == "token-file":
+        (folder / "hf_token.txt").write_text(HF_LIKE + "\n")
+        return "hf_token.txt"
+    if kind == "symlink-out":
+        (folder / "notes.md").symlink_to(outside)
+        return "notes.md"
+    if kind == "symlink-dir-out":
+        (folder / "data").symlink_to(outside.parent, target_is_directory=True)
+        return "data"
+    if kind == "pickle-renamed":
+        (folder / "weights.safetensors.bak").write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+        return "weights.safetensors.bak"
+    if kind == "zip-as-safetensors":
+        torch.save({"w": torch.zeros(2)}, folder / "extra.safetensors")
+        return "extra.safetensors"
+    if kind == "dicom-no-preamble":
+        (folder / "extra.txt").write_bytes(open(get_testdata_file("ExplVR_LitEndNoMeta.dcm"), "rb").read())
+        return "extra.txt"
+    if kind == "dicom-preamble":
+        (folder / "notes.json").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
+        return "notes.json"
+    if kind == "bmp-renamed":
+        (folder / "figure.dat").write_bytes(_bmp_bytes())
+        return "figure.dat"
+    if kind == "unknown-kind":
+        (folder / "run.sh").write_text("#!/bin/sh\necho hi\n")
+        return "run.sh"
+    if kind == "card-home-path":
+        readme = folder / "README.md"
+        readme.write_text(readme.read_text() + "\nTrained on manifest /home/alice/data/busi/manifest.json.\n")
+        return "README.md"
+    if kind == "card-existing-path":
+        readme = folder / "README.md"
+        readme.write_text(readme.read_text() + f"\ndata.root: {outside.parent}\n")
+        return "README.md"
+    if kind == "config-aws-key":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["note"] = "AKIA" + "ABCDEFGHIJKLMNOP"
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        return "config.json"
+    if kind == "private-key":
+        (folder / "NOTICE").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n")
+        return "NOTICE"
+    raise ValueError(kind)
+
+
+HOSTILE = ["token-file", "symlink-out", "symlink-dir-out", "pickle-renamed", "zip-as-safetensors",
+           "dicom-no-preamble", "dicom-preamble", "bmp-renamed", "unknown-kind", "card-home-path",
+           "card-existing-path", "config-aws-key", "private-key"]
+NOT_WAIVABLE = {"symlink-out", "symlink-dir-out", "pickle-renamed", "zip-as-safetensors"}
+
+
+@pytest.fixture()
+def outside(tmp_path):
+    secret = tmp_path / "elsewhere" / "private.md"
+    secret.parent.mkdir()
+    secret.write_text("a file outside the model folder\n")
+    return secret
+
+
+def test_hostile_folder_of_the_finding_is_refused(hub, folder, outside, capsys):
+    """Finding: a dry run said "would upload 13 file(s)" for a folder holding a token file, a symlink out of the
+    folder, a renamed pickle, a renamed DICOM without preamble, a renamed BMP and a card with a local path."""
+    names = [_hostile(folder, outside, k) for k in ("token-file", "symlink-out", "pickle-renamed",
+                                                      "dicom-no-preamble", "bmp-renamed", "card-home-path")]
+    assert cli.main(["push", str(folder), "--repo-id", "test-org/x", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    for name in names:
+        assert f"- {name}:" in err, (name, err)
+    assert "hf_token.txt: line 1: looks like a Hugging Face token (hf_aB3...)" in err and HF_LIKE not in err
+    assert f"is a symlink to {outside}, outside the folder" in err
+    assert "README.md: line " in err and "/home/alice/data/busi/manifest.json" in err
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_each_hostile_kind_is_refused_and_allow_is_explicit(hub, folder, outside, capsys, kind):
+    name = _hostile(folder, outside, kind)
+    with pytest.raises(PushError) as err:
+        check_folder(folder)
+    assert f"- {name}:" in str(err.value)
+    capsys.readouterr()
+    code = cli.main(["push", str(folder), "--repo-id", "test-org/x", "--dry-run", "--allow", name])
+    out = capsys.readouterr()
+    if kind in NOT_WAIVABLE:
+        assert code == 2 and f"- {name}:" in out.err
+    else:
+        assert code == 0, out.err
+        assert f"warning: allowed: {name}:" in out.err and f"[--allow {name}]" in out.err
+    assert hub.requests == []
+
+
+def test_figures_and_remote_code_are_published(hub, folder, tmp_path):
+    """What we produce passes: Matplotlib figures, and an OpenUS folder with its remote-code sources."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from openus_hub import OpenUSConfig, OpenUSModel
+
+    (folder / "figures").mkdir()
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    fig.savefig(folder / "figures" / "loss.png")
+    fig.savefig(folder / "figures" / "loss.svg")
+    plt.close(fig)
+    files = {str(f) for f in check_folder(folder)}
+    assert {"figures/loss.png", "figures/loss.svg"} <= files
+    openus = tmp_path / "openus"
+    OpenUSModel(OpenUSConfig(embed_dim=8, depths=[1, 1, 1, 1])).save_pretrained(openus)
+    write_card(openus, "openus-converted")
+    files = {str(f) for f in check_folder(openus)}
+    assert {"modeling_openus.py", "config.json", "model.safetensors", "README.md"} <= files
+    (openus / "modeling_openus.py").write_text((openus / "modeling_openus.py").read_text()
+                                               + f"\n# token {HF_LIKE}\n")
+    with pytest.raises(PushError, match="modeling_openus.py: line .* looks like a Hugging Face token"):
+        check_folder(openus)

@@ -13,6 +13,19 @@ Policies (each one chosen so that colour is converted exactly once and nothing i
   ``2**(BitsStored - 1)`` into the unsigned range. No modality/VOI LUT or windowing is applied.
 * **Dtypes**: ``uint8`` when ``BitsAllocated <= 8`` (or after a palette), ``uint16`` otherwise;
   ``metadata.bits_stored`` says which part of the range is used (the image processor scales by it).
+* **Deeper than 16 bits** (``BitsStored`` > 16, e.g. 32-bit dose or parametric maps) and **float pixel data**
+  (``FloatPixelData``/``DoubleFloatPixelData``, or a float decode): there is no fixed full-scale value, so the
+  decoded frames are rescaled by their actual range, ``(x - min) / (max - min)`` over the frames read, to the full
+  16-bit range (``bits_stored`` 16); ``metadata.value_range`` records ``(min, max)`` in stored units. A constant
+  image becomes zeros. NaN or infinite pixels are an error, never passed on as a NaN embedding.
+* **Bounds**, checked from the header before anything is decoded: ``NumberOfFrames`` must be a whole number >= 1,
+  the pixel data must hold that many frames (uncompressed: ``frames x rows x columns x samples x bits``; encapsulated:
+  at least one fragment per frame), and the frames requested may decode to at most :data:`MAX_DECODED_BYTES`
+  (4 GiB; set ``openus_hub.io.dicom.MAX_DECODED_BYTES`` or ``OPENUS_HUB_MAX_DECODED_BYTES`` to change it).
+* **Decoding plugin**: JPEG and JPEG 2000 frames are decoded with Pillow (a core dependency) whenever its plugin
+  supports the transfer syntax, so the pixels do not change when an optional plugin (pylibjpeg, GDCM, installed
+  with the ``[dicom]`` extra) is present; other syntaxes use pydicom's own plugin order. ``decoding_plugin=``
+  chooses explicitly.
 * **Cropping** (``crop=``): ``"regions"`` uses ``SequenceOfUltrasoundRegions`` (largest 2-D region, tissue regions
   preferred); a region that does not fit inside the image is treated as invalid (some vendors write acquisition
   coordinates; pydicom's bundled SonoSite cine has a region twice the image size). ``"heuristic"`` uses
@@ -41,6 +54,8 @@ from pydicom.errors import InvalidDicomError
 logger = logging.getLogger(__name__)
 
 CropMode = Literal["none", "regions", "heuristic", "auto"]
+# the most bytes one read_dicom call may decode (the requested frames, before cropping); see the module docstring
+MAX_DECODED_BYTES = int(os.environ.get("OPENUS_HUB_MAX_DECODED_BYTES", 4 << 30))
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 DICOM_EXTRA_HINT = 'pip install "openus_hub[dicom]"'
 # DICOM RegionDataType 1 = tissue (B-mode); 2 = colour flow, both 2-D
@@ -102,6 +117,7 @@ class DicomMetadata:
     frame_time_ms: float | None = None
     burned_in_annotation: str | None = None
     regions: list[UltrasoundRegion] = field(default_factory=list)
+    value_range: tuple[float, float] | None = None  # (min, max) of >16-bit or float pixels rescaled to 16 bits
     crop_box: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1), half-open, in original pixels
     crop_source: str | None = None  # "regions" | "heuristic" | None
     color_conversion: str | None = None  # what pydicom converted, e.g. "YBR_FULL_422 -> RGB"
@@ -178,6 +194,71 @@ def _as_dataset(source: str | os.PathLike | Dataset) -> tuple[Dataset, str]:
             f"{path} could not be parsed as DICOM ({type(e).__name__}); the file may be truncated"
         ) from e
     return ds, str(path)
+
+
+def _header_int(ds: Dataset, keyword: str, where: str, default: int | None = None, minimum: int = 0) -> int:
+    """A required whole-number header value; DicomReadError naming the file when it is malformed."""
+    try:
+        value = ds.get(keyword, None)
+    except Exception as e:  # pydicom converts the raw value on access
+        raise DicomReadError(f"{where}: the {keyword} header value cannot be read ({type(e).__name__}); the header "
+                             "is corrupt") from e
+    if value is None or value == "":
+        if default is None:
+            raise DicomReadError(f"{where}: the header has no {keyword}; it is not a complete image")
+        return default
+    try:
+        number = int(value)
+        if number != float(value):
+            raise ValueError(value)
+    except (TypeError, ValueError) as e:
+        raise DicomReadError(f"{where}: {keyword} is {str(value)[:20]!r}, not a whole number; the header is "
+                             "corrupt") from e
+    if number < minimum:
+        raise DicomReadError(f"{where}: {keyword} is {number} (at least {minimum} expected); the header is corrupt")
+    return number
+
+
+def number_of_frames(ds: Dataset, where: str | None = None) -> int:
+    """``NumberOfFrames`` (1 when absent), checked against the pixel data before anything is decoded: a corrupt or
+    hostile header (say 2**31 - 1 frames in a 4.7 KB file) is a :class:`DicomReadError` naming the file."""
+    where = where or str(getattr(ds, "filename", None) or "<dataset>")
+    n = _header_int(ds, "NumberOfFrames", where, default=1, minimum=1)
+    name = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
+    if name is None:
+        return n
+    rows = _header_int(ds, "Rows", where, minimum=1)
+    columns = _header_int(ds, "Columns", where, minimum=1)
+    samples = _header_int(ds, "SamplesPerPixel", where, default=1, minimum=1)
+    bits = _header_int(ds, "BitsAllocated", where, default={"PixelData": 8, "FloatPixelData": 32}.get(name, 64),
+                       minimum=1)
+    try:
+        data = ds[name].value
+    except Exception as e:
+        raise DicomReadError(f"{where}: the pixel data element cannot be read ({type(e).__name__}); the file is "
+                             "truncated or corrupt") from e
+    available = len(data) if data is not None else 0
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if name == "PixelData" and tsyntax is not None and tsyntax.is_encapsulated:
+        from pydicom.encaps import parse_fragments
+
+        try:
+            items, _ = parse_fragments(data, endianness="<" if tsyntax.is_little_endian else ">")
+        except ValueError as e:
+            raise DicomReadError(f"{where}: the encapsulated pixel data is damaged ({_safe_message(e)})") from e
+        if n > items - 1:  # the first item is the basic offset table; every frame needs a fragment of its own
+            raise DicomReadError(f"{where}: the header declares {n:,} frame(s) but the encapsulated pixel data holds "
+                                 f"{max(items - 1, 0):,} fragment(s); the file is truncated or its header is corrupt")
+        return n
+    per_sample = rows * columns * samples
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL_422":
+        per_sample = rows * columns * 2  # chroma subsampled: two samples per pixel are stored
+    expected = (n * per_sample * bits + 7) // 8
+    if available < expected:
+        raise DicomReadError(f"{where}: the header declares {n:,} frame(s) of {rows}x{columns}x{samples} at {bits} "
+                             f"bits ({expected:,} bytes) but the pixel data holds {available:,} bytes; the file is "
+                             "truncated or its header is corrupt")
+    return n
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
@@ -311,11 +392,27 @@ def _check_decoder(ds: Dataset, where: str) -> None:
         )
 
 
-def _decode_frame(ds: Dataset, index: int | None, where: str) -> np.ndarray:
+def _preferred_plugin(ds: Dataset, requested: str | None) -> str:
+    """The decoding plugin: ``requested``; else Pillow where it decodes the transfer syntax (a core dependency, so
+    the pixels do not depend on which optional plugins are installed); else "" (pydicom's own order)."""
+    if requested is not None:
+        return requested
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None or not tsyntax.is_compressed:
+        return ""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return "pillow" if "pillow" in get_decoder(tsyntax).available_plugins else ""
+    except NotImplementedError:
+        return ""
+
+
+def _decode_frame(ds: Dataset, index: int | None, where: str, plugin: str = "") -> np.ndarray:
     from pydicom.pixels import pixel_array
 
     try:
-        return pixel_array(ds, index=index)  # YBR -> RGB happens here, once
+        return pixel_array(ds, index=index, decoding_plugin=plugin)  # YBR -> RGB happens here, once
     except Exception as e:
         raise DicomReadError(
             f"{where}: the pixel data could not be decoded ({type(e).__name__}: {_safe_message(e)}); the file may be "
@@ -334,6 +431,7 @@ def read_dicom(
     frames: Sequence[int] | None = None,
     crop: CropMode = "none",
     warn_burned_in: bool = True,
+    decoding_plugin: str | None = None,
 ) -> DicomImage:
     """Decode a DICOM image or cine loop into ``(T, H, W, C)`` frames plus technical metadata.
 
@@ -344,13 +442,17 @@ def read_dicom(
         crop: ``"none"`` (default), ``"regions"``, ``"heuristic"`` or ``"auto"`` (regions, then heuristic); see the
             module docstring. The applied box is in ``metadata.crop_box``.
         warn_burned_in: emit a :class:`BurnedInAnnotationWarning` unless ``BurnedInAnnotation`` is ``"NO"``.
+        decoding_plugin: pydicom decoding plugin for compressed pixel data (``"pillow"``, ``"pylibjpeg"``,
+            ``"gdcm"``, ...); default: Pillow where it supports the transfer syntax (see the module docstring).
 
     Returns:
         A :class:`DicomImage`; ``frames`` is uint8 or uint16, C = 1 (grayscale) or 3 (RGB).
 
     Raises:
         FileNotFoundError: the path does not exist.
-        DicomReadError: not a DICOM file, no pixel data (e.g. a structured report), or truncated/corrupt pixel data.
+        DicomReadError: not a DICOM file, no pixel data (e.g. a structured report), a corrupt header (frame count
+            the pixel data cannot hold, malformed values), more than :data:`MAX_DECODED_BYTES` to decode,
+            truncated/corrupt pixel data, or NaN/infinite pixels.
         DicomDecoderMissingError: compressed pixel data whose decoder plugin is not installed (names the extra).
     """
     if crop not in ("none", "regions", "heuristic", "auto"):
@@ -364,7 +466,7 @@ def read_dicom(
     _check_decoder(ds, where)
 
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    n_available = _int(ds, "NumberOfFrames", 1) or 1
+    n_available = number_of_frames(ds, where)
     indices = list(range(n_available)) if frames is None else [int(i) for i in frames]
     if not indices:
         raise ValueError("frames selects no frame")
@@ -372,12 +474,22 @@ def read_dicom(
     if bad:
         raise IndexError(f"{where}: frame indices {bad[:5]} out of range for {n_available} frame(s)")
 
-    bits_allocated = _int(ds, "BitsAllocated", 8) or 8
+    bits_allocated = _header_int(ds, "BitsAllocated", where, default=8, minimum=1)
     bits_stored = _int(ds, "BitsStored", bits_allocated) or bits_allocated
     signed = _int(ds, "PixelRepresentation", 0) == 1
+    samples_out = 3 if photometric == "PALETTE COLOR" else (_int(ds, "SamplesPerPixel", 1) or 1)
+    decoded_bytes = len(indices) * (_int(ds, "Rows", 0) or 0) * (_int(ds, "Columns", 0) or 0) * samples_out * max(
+        1, bits_allocated // 8)
+    if decoded_bytes > MAX_DECODED_BYTES:
+        raise DicomReadError(
+            f"{where}: the {len(indices)} frame(s) requested decode to {decoded_bytes:,} bytes, more than the limit of "
+            f"{MAX_DECODED_BYTES:,} (openus_hub.io.dicom.MAX_DECODED_BYTES); read fewer frames (frames=, "
+            "--frame-stride/--num-frames) or raise the limit with OPENUS_HUB_MAX_DECODED_BYTES if you trust the file"
+        )
+    plugin = _preferred_plugin(ds, decoding_plugin)
     decoded = []
     for i in indices:
-        arr = _decode_frame(ds, i if n_available > 1 else None, where)
+        arr = _decode_frame(ds, i if n_available > 1 else None, where, plugin)
         if arr.ndim == 3 and n_available == 1 and arr.shape[-1] not in (1, 3, 4):
             arr = arr[0]  # defensive: a single frame decoded with a leading axis
         decoded.append(arr)
@@ -385,7 +497,10 @@ def read_dicom(
     if data.dtype.byteorder not in ("=", "|"):
         data = data.astype(data.dtype.newbyteorder("="))  # big-endian files decode to '>u2'/'>i2'
 
-    color_conversion = None
+    color_conversion, value_range = None, None
+    if np.issubdtype(data.dtype, np.floating) or (bits_stored > 16 and photometric != "PALETTE COLOR"):
+        data, value_range = _rescale_by_range(data, where)  # -> uint16, full range
+        bits_stored, signed = 16, False
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
@@ -397,10 +512,6 @@ def read_dicom(
     else:
         if signed and np.issubdtype(data.dtype, np.signedinteger):
             data = data.astype(np.int64) + (1 << (bits_stored - 1))
-        if np.issubdtype(data.dtype, np.floating):
-            raise DicomReadError(
-                f"{where}: float pixel data is not an ultrasound image format openus_hub reads; convert it first"
-            )
         data = np.clip(data, 0, (1 << bits_stored) - 1)
         data = data.astype(np.uint8 if bits_allocated <= 8 and bits_stored <= 8 else np.uint16)
         if photometric == "MONOCHROME1":
@@ -440,6 +551,7 @@ def read_dicom(
         frame_time_ms=_float(ds, "FrameTime"),
         burned_in_annotation=str(ds.get("BurnedInAnnotation")).upper() if ds.get("BurnedInAnnotation") else None,
         regions=regions,
+        value_range=value_range,
         color_conversion=color_conversion,
     )
 
@@ -471,7 +583,25 @@ def read_dicom(
     return DicomImage(frames=data, frame_indices=indices, metadata=meta)
 
 
+def _rescale_by_range(data: np.ndarray, where: str) -> tuple[np.ndarray, tuple[float, float]]:
+    """Float or >16-bit pixels -> uint16 over their actual range (see the module docstring)."""
+    if np.issubdtype(data.dtype, np.floating):
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise DicomReadError(f"{where}: {int((~finite).sum()):,} of {data.size:,} pixel values are NaN or "
+                                 "infinite; replace them before reading the file")
+    lo, hi = float(data.min()), float(data.max())
+    if hi > lo:
+        scaled = (data.astype(np.float64) - lo) * (65535.0 / (hi - lo))
+        out = np.rint(scaled).astype(np.uint16)
+    else:
+        out = np.zeros(data.shape, np.uint16)
+    logger.info("%s: %s pixels rescaled from their range [%g, %g] to 16 bits", where, data.dtype, lo, hi)
+    return out, (lo, hi)
+
+
 __all__ = [
+    "MAX_DECODED_BYTES",
     "BurnedInAnnotationWarning",
     "DicomDecoderMissingError",
     "DicomImage",
@@ -484,5 +614,6 @@ __all__ = [
     "region_crop_box",
     "select_frames",
     "dicom_dataset",
+    "number_of_frames",
     "ultrasound_regions",
 ]

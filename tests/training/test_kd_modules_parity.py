@@ -2,7 +2,10 @@
 
 The fixtures were produced by upstream's code in `train()` mode under no_grad; every stored output, the SK branch
 weights, the BatchNorm running statistics after the forward, the batch-1 (`fc1`) path and every loss value are
-compared. Measured on this machine: max |diff| 0.0 for all of them (tolerance asserted: 1e-5 abs, losses 1e-5 rel).
+compared. Measured: max |diff| 0.0 for all of them with the fixtures' (AVX-512) kernel dispatch; with AVX2 or scalar
+dispatch (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS) float32 rounding moves the module outputs
+by up to 6.7e-6 (1.5e-6 of their largest value, 4.5). Bound: 1e-5 x max(1, max |reference|), a 6x margin; a wrongly
+loaded or wired tensor moves outputs by > 1e-3. Losses: 1e-5 relative.
 """
 
 import importlib.util
@@ -16,7 +19,7 @@ from tests.conftest import parity_path
 from training.kd import TransKDModules, convert_upstream_kd_state_dict
 from training.losses import TransKDLoss, WeightedCrossEntropyLoss
 
-ATOL = 1e-5
+ATOL = 1e-5  # per unit of the reference's largest |value| (at least 1): see the module docstring
 STUDENT, TEACHER = [32, 64, 160, 256], [64, 128, 320, 512]
 
 
@@ -60,7 +63,7 @@ def _close(ours, meta, ref):
     ours = _reduce(meta, ours)
     assert ours.shape == ref.shape
     diff = (ours.double() - ref.double()).abs().max().item()
-    assert diff <= ATOL, diff
+    assert diff <= ATOL * max(1.0, ref.abs().max().item()), diff
     return diff
 
 
@@ -126,7 +129,7 @@ def test_batchnorm_running_stats_after_train_forward(fixtures):
         if ref.dtype == torch.int64:
             assert int(state[ours_key]) == int(ref)
         else:
-            assert (state[ours_key] - ref).abs().max().item() <= ATOL
+            assert (state[ours_key] - ref).abs().max().item() <= ATOL * max(1.0, ref.abs().max().item())
         checked += 1
     assert checked == 33  # 4 stages x conv1/conv2 (+ fc for stages 1-3) x mean/var/count
 
@@ -147,7 +150,7 @@ def test_batch1_takes_fc1_path(fixtures):
     for key, ref in io["base"].items():
         if key.startswith("csf_b1.bn_after_forward.") and ref.dtype != torch.int64:
             (ours_key,) = convert_upstream_kd_state_dict({key[len("csf_b1.bn_after_forward."):]: ref})
-            assert (state[ours_key] - ref).abs().max().item() <= ATOL
+            assert (state[ours_key] - ref).abs().max().item() <= ATOL * max(1.0, ref.abs().max().item())
     # the fc (BN) branch was not used: its running stats are still the loaded ones
     for s in range(3):
         loaded = convert_upstream_kd_state_dict(weights["base"])[f"csf.fusions.{s}.fc.1.running_mean"]

@@ -66,7 +66,8 @@ def test_single_process_run(tmp_path, manifest):
     assert state["step"] == 4 and state["world_size"] == 1 and state["data_manifest"]["samples"] == 8
     assert bool(state["per_rank"][0]["ema_initialized"]) and state["per_rank"][0]["prev_importance"].shape == (4, 4)
     assert torch.equal(state["teacher"]["head.last_layer.weight_v"], state["teacher"]["head.last_layer2.weight_v"])
-    # export refuses a non-empty folder without --overwrite and leaves it as it was
+    # export refuses a folder holding the user's files, even with --overwrite, and leaves it as it was; --overwrite
+    # replaces only a previous export
     from training import export_pretrained
 
     target = tmp_path / "export"
@@ -74,9 +75,13 @@ def test_single_process_run(tmp_path, manifest):
     (target / "notes.txt").write_text("mine")
     ckpt = str(out / "checkpoints" / "checkpoint_00000004.pth")
     assert export_pretrained.main([ckpt, "--output-dir", str(target)]) == 2
+    assert export_pretrained.main([ckpt, "--output-dir", str(target), "--overwrite"]) == 2
     assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    (target / "notes.txt").unlink()
+    assert export_pretrained.main([ckpt, "--output-dir", str(target)]) == 0
+    assert export_pretrained.main([ckpt, "--output-dir", str(target)]) == 2
     assert export_pretrained.main([ckpt, "--output-dir", str(target), "--overwrite"]) == 0
-    assert (target / "model.safetensors").is_file() and not (target / "notes.txt").exists()
+    assert (target / "model.safetensors").is_file()
 
 
 def test_non_finite_loss_stops_with_step_terms_and_checkpoint(tmp_path, manifest, caplog):

@@ -147,7 +147,7 @@ class OpenUSImageProcessorPil(PilBackend):
     def _expand_inputs(self, images: Any, frame_stride: int, num_frames: int | None, dicom_crop: str) -> list:
         """Flatten the input structure into a list of ``(image, bit_depth)``; DICOM files become their frames."""
         from openus_hub.io import DicomImage, is_dicom_file, load_image_file, read_dicom, select_frames
-        from openus_hub.io.dicom import dicom_dataset
+        from openus_hub.io.dicom import dicom_dataset, number_of_frames
         from pydicom.dataset import Dataset
 
         def dicom_frames(src: Any) -> list:
@@ -156,7 +156,7 @@ class OpenUSImageProcessorPil(PilBackend):
                 src = DicomImage(src.frames[keep], [src.frame_indices[i] for i in keep], src.metadata)
             else:
                 ds = src if isinstance(src, Dataset) else dicom_dataset(src)  # read once: frame count, then frames
-                n = int(ds.get("NumberOfFrames", 1) or 1)
+                n = number_of_frames(ds)
                 src = read_dicom(ds, frames=select_frames(n, frame_stride, num_frames), crop=dicom_crop)
             return [(frame, src.bit_depth) for frame in src.frames]
 

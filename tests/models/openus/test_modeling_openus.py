@@ -219,15 +219,15 @@ class OpenUSModelTest(_ListedLikeAnInTreeModel, ModelTesterMixin, unittest.TestC
     def test_config(self):
         self.config_tester.run_common_tests()
 
-    @unittest.skip(reason="OpenUS does not use inputs_embeds")
+    @unittest.skip(reason="not applicable: OpenUS does not use inputs_embeds")
     def test_inputs_embeds(self):
         pass
 
-    @unittest.skip(reason="OpenUS does not support input and output embeddings")
+    @unittest.skip(reason="not applicable: OpenUS does not support input and output embeddings")
     def test_model_get_set_embeddings(self):
         pass
 
-    @unittest.skip(reason="OpenUS does not use feedforward chunking")
+    @unittest.skip(reason="not applicable: OpenUS does not use feedforward chunking")
     def test_feed_forward_chunking(self):
         pass
 
