@@ -204,8 +204,10 @@ class OpenUSMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(k * inner))  # [K*D]
         self.out_norm = nn.LayerNorm(inner, eps=config.layer_norm_eps)
         self.out_proj = nn.Linear(inner, dim, bias=False)
-        # the scan parameters are set by the model's `_init_weights` (`reset_scan_parameters`), once, as transformers
-        # initialises every module, and never for tensors loaded from a checkpoint
+        # Mamba "v0" values right away, so that a mixer built on its own (the segmentation decoder's) works; the model's
+        # `_init_weights` sets them again. Drawing them here also keeps the random stream, and so every seeded model,
+        # as it was.
+        self.reset_scan_parameters()
 
     @classmethod
     def for_stage(cls, config: OpenUSConfig, stage: int) -> OpenUSMixer:
