@@ -124,8 +124,9 @@ def _resolve_model(model: Any, dtype: torch.dtype | None = None) -> torch.nn.Mod
 def load_feature_model(name: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A folder / registry name / Hub id as ``OpenUSBackbone`` holding every out-norm the folder has (the stages its
     config lists, plus the last stage's): the network :func:`out_normed_stage_maps` reads."""
-    from .auto import AutoBackbone, resolve
+    from .auto import AutoBackbone
     from .models.openus.configuration_openus import OpenUSConfig
+    from .pretrained import resolve
 
     path, _ = resolve(name)
     config = OpenUSConfig.from_pretrained(path)
@@ -154,18 +155,19 @@ def _out_norm(model: torch.nn.Module, stage: int, hidden_state: torch.Tensor) ->
     return normed.permute(0, 3, 1, 2)
 
 
-def _resolve_processor(model: torch.nn.Module, processor: Any) -> Any:
-    if processor is not None:
-        return processor
+def load_processor(model: Any, folder: str | os.PathLike | None = None) -> Any:
+    """The image processor of a model: an ORTModel's own, else ``preprocessor_config.json`` in ``folder`` (default:
+    the folder the model was loaded from), else ``OpenUSImageProcessor()`` (upstream preprocessing). The one place
+    both :func:`extract_features` and ``openus-hub embed`` choose it."""
     if getattr(model, "processor", None) is not None:  # ORTModel: the processor saved beside the .onnx
         return model.processor
     from .models.openus.image_processing_openus import OpenUSImageProcessor
 
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    name = folder if folder is not None else getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     if name and Path(name, "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
-        return AutoImageProcessor.from_pretrained(name)
+        return AutoImageProcessor.from_pretrained(str(name))
     logger.info("no preprocessor_config.json next to the model: using OpenUSImageProcessor defaults (upstream)")
     return OpenUSImageProcessor()
 
@@ -246,7 +248,7 @@ def extract_features(
         crop box per row).
     """
     base = _resolve_model(model)
-    processor = _resolve_processor(base, processor)
+    processor = processor if processor is not None else load_processor(base)
     crop = dicom_crop if dicom_crop is not None else getattr(processor, "dicom_crop", "auto")
     if not isinstance(inputs, (list, tuple)):
         inputs = [inputs]
