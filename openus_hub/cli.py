@@ -3,8 +3,8 @@
 ``embed`` exit codes: 0 every input embedded; 1 some inputs were skipped (the others are written, the summary says
 why); 2 nothing was done (bad arguments, a ``--model`` that does not resolve: an unpublished or unknown registry
 name, a missing folder, a Hub id that is not cached while offline; an output that would be clobbered without
-``--overwrite``, an unwritable output, or ``--overwrite`` where every input failed: the old file is kept); 130 / 143 interrupted by SIGINT /
-SIGTERM (everything embedded so far is saved; run the same command again to continue).
+``--overwrite``, an unwritable output, or ``--overwrite`` where every input failed: the old file is kept); 130 / 143
+interrupted by SIGINT / SIGTERM (everything embedded so far is saved; run the same command again to continue).
 
 Interruption: results are flushed every ``--flush-every`` inputs or ``--flush-seconds`` seconds, by an atomic
 rewrite (temporary file, then ``os.replace``). Without ``--overwrite`` they go straight into ``--output``, which is
@@ -492,8 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes pooled embeddings plus a manifest (source, frame index, shape, crop box, sha256 of the source). "
         "Re-running on the same output skips inputs already embedded (same sha256). Results are saved every "
         "--flush-every files or --flush-seconds seconds; Ctrl-C (SIGINT) or SIGTERM saves and stops, and a re-run "
-        "continues. Exit codes: 0 all embedded, 1 some inputs skipped, 2 nothing done (including a --model that does not "
-        "resolve: one line says why), 130/143 interrupted by "
+        "continues. Exit codes: 0 all embedded, 1 some inputs skipped, 2 nothing done (including a --model that "
+        "does not resolve: one line says why), 130/143 interrupted by "
         "SIGINT/SIGTERM (saved; run again to continue).",
     )
     embed.add_argument("inputs", nargs="+", help="files and/or folders")
