@@ -1,11 +1,15 @@
-"""Named checkpoints of openus_hub: one plain table, in the spirit of timm's ``pretrained_cfg`` and open_clip's
-``pretrained.py``.
+"""Model names of openus_hub: the registry of named checkpoints and :func:`resolve`, the one resolver every entry
+point uses (the Auto classes, ``pipeline``, ``extract_features``, ``openus-hub embed/push/export-onnx``, the
+converters' ``--card-name`` and timm's ``pretrained=True``). It also holds the upstream commit pins and the offline
+check (:func:`hub_offline`).
+
+The registry is one plain table, in the spirit of timm's ``pretrained_cfg`` and open_clip's ``pretrained.py``.
 
 Each entry names a Hub repo and a pinned revision, the sha256 of its ``model.safetensors``, where the weights come
 from (upstream repo + commit, or our training config), the licence, task, input size and a status:
 
-* ``"published"``: weights are on the Hub at ``repo_id@revision``; ``openus_hub.AutoModel.from_pretrained(name)``
-  resolves them (local folder, then the HF cache, then the Hub) and checks the sha256.
+* ``"published"``: weights are on the Hub at ``repo_id@revision``; :func:`resolve` fetches them (the HF cache first,
+  then the Hub) and checks the sha256.
 * ``"convert from upstream"``: the architecture exists upstream with trained weights that are not (yet) on the Hub;
   loading the name raises :class:`UnpublishedModelError` with the conversion command.
 * ``"train yourself"``: no trained weights exist; the error names the training recipe.

@@ -285,3 +285,33 @@ def test_stage_count_comes_from_the_config():
     out = extract_features(three, [np.zeros((64, 64), np.uint8)], OpenUSImageProcessor(size=SIZE))
     assert [m.shape[1:] for m in out.stage_maps] == [(8, 16, 16), (16, 8, 8), (32, 4, 4)]
     assert torch.allclose(out.pooled, out.stage_maps[-1].mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_cached_names_resolve_offline_in_every_entry_point(tiny, png, tmp_path, monkeypatch):
+    """The other side of the resolver: a published registry name and a Hub id that are in the local HF cache load
+    offline through extract_features, the pipeline and ``openus-hub embed``, with the same numbers as the model."""
+    from openus_hub import pretrained
+    from openus_hub.cli import main, read_output
+    from tests.test_hub_registry import build_hf_cache
+
+    model, folder = tiny
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    build_hf_cache(folder, tmp_path / "hub", "lab/tiny-openus", commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    pretrained.reset_registry()
+    pretrained.register_pretrained({"name": "openus-tiny", "repo_id": "lab/tiny-openus", "status": "published",
+                                    "revision": commit, "sha256": pretrained.sha256_file(folder / "model.safetensors")},
+                                   overwrite=True)
+    try:
+        ref = extract_features(model, [png], OpenUSImageProcessor(size=SIZE)).pooled
+        for name in ("openus-tiny", "lab/tiny-openus"):
+            path, _ = pretrained.resolve(name)
+            assert path.endswith(f"snapshots/{commit}")
+            torch.testing.assert_close(extract_features(name, [png]).pooled, ref, atol=1e-5, rtol=0)
+            pipe = openus_hub.pipeline("image-feature-extraction", model=name)
+            np.testing.assert_allclose(np.asarray(pipe(str(png), pool=True)), ref.numpy(), atol=1e-5)
+            out = tmp_path / f"{name.replace('/', '_')}.npz"
+            assert main(["embed", str(png), "--model", name, "--output", str(out), "--no-progress"]) == 0
+            np.testing.assert_allclose(read_output(out)[0]["embeddings"], ref.numpy(), atol=1e-5)
+    finally:
+        pretrained.reset_registry()
