@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .io.files import pid_alive
+
 logger = logging.getLogger(__name__)
 
 # 2: the model fingerprint is the sha256 of the weight files and config.json (1: a digest of a few weights)
@@ -134,18 +136,9 @@ def _remove_stale_temporaries(path: Path) -> None:
         return
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_output(path: Path, data: dict[str, np.ndarray], meta: dict[str, Any], skipped: list[tuple[str, str]]) -> None:
