@@ -36,6 +36,8 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from zlib import error as zlib_error
 
+from openus_hub.io.files import fsync_dir, pid_alive
+
 
 __all__ = [
     "EXPORT_FILE_PATTERNS",
@@ -282,15 +284,6 @@ def _check_target(target: str, overwrite: bool, inputs: Iterable[str], what: str
                               + "choose a new or empty folder, or move those files away")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _acquire_lock(lock: str, target: str) -> None:
     me = f"{os.getpid()} {socket.gethostname()}"
@@ -304,7 +297,7 @@ def _acquire_lock(lock: str, target: str) -> None:
                 pid = int(pid_text)
             except (OSError, ValueError):
                 pid, host = -1, socket.gethostname()  # unreadable or half-written: left by a killed process
-            if host != socket.gethostname() or (pid > 0 and _pid_alive(pid)):
+            if host != socket.gethostname() or (pid > 0 and pid_alive(pid)):
                 raise ConversionError(f"{target} is being written by another process (pid {pid} on {host}); wait "
                                       f"for it, or delete {lock} if that process no longer runs") from None
             os.unlink(lock)  # stale: its process was killed
@@ -342,25 +335,13 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(errno, os.strerror(errno), a)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _fsync_tree(folder: str) -> None:
     for root, _, files in os.walk(folder):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(root)
+        fsync_dir(root)
 
 
 def _swap_in(ready: str, target: str, old: str) -> None:
@@ -379,11 +360,11 @@ def _swap_in(ready: str, target: str, old: str) -> None:
     else:
         os.replace(ready, target)
         _step("renamed-in")
-    _fsync_dir(parent)
+    fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
     _step("old-removed")
     os.unlink(os.path.join(target, _MARKER))
-    _fsync_dir(target)
+    fsync_dir(target)
     _step("done")
 
 
@@ -494,7 +475,7 @@ def write_folder_atomic(output_dir: str | os.PathLike, write: Callable[[str], No
                 pass
             _fsync_tree(partial)
             os.replace(partial, n["ready"])
-            _fsync_dir(parent)
+            fsync_dir(parent)
             _step("ready")
             _swap_in(n["ready"], target, n["old"])
         finally:

@@ -57,10 +57,15 @@ from collections import defaultdict
 
 import torch
 
+from openus_hub.pretrained import OPENUS_UPSTREAM_COMMIT as UPSTREAM_COMMIT  # the upstream pins live in the registry
+from openus_hub.pretrained import OPENUS_UPSTREAM as UPSTREAM_REPO
+
 if __package__:  # imported as the `conversion` package
+    from .model_card import CardError, check_card_name
     from ._common import (ConversionError, blaming, check_floating_point, check_output_dir, check_sha256,
                           max_abs_diff, one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 else:  # run as a script: this folder is on sys.path
+    from model_card import CardError, check_card_name
     from _common import (ConversionError, blaming, check_floating_point, check_output_dir, check_sha256,
                          max_abs_diff, one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 
@@ -652,7 +657,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-UPSTREAM_REPO, UPSTREAM_COMMIT = "XZheng0427/OpenUS", "6b9f6d2e71e7150b138001e1a24c36cab8e960ed"
 # Saved folder (default scan) vs the converted tensors through the reference scan, on a random 64x64 input: measured
 # up to 3.7e-6 on the parity fixtures (AVX-512 and AVX2 dispatch); 1e-4 is the parity tests' bound (tests/
 # test_convert_openus.py), far below the 5e-3 that ignoring any single tensor costs.
@@ -770,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.card_name is not None and not args.no_card:
+            check_card_name(args.card_name)  # a typo fails now, not after the conversion
         head = None if args.seg_head in (None, SEG_HEAD_FROM_CHECKPOINT) else args.seg_head
         inputs = [args.checkpoint] + ([head] if head else [])
         check_output_dir(args.output_dir, args.overwrite, inputs)
@@ -782,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("warning: %s", report["warning"])
         finalize = None if args.no_card else _card_writer(model, args, report)
         save_atomic(model, args.output_dir, args.overwrite, finalize=finalize, inputs=inputs)
-    except ConversionError as err:
+    except (ConversionError, CardError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     logger.info("architecture inferred from shapes: %s", report["config"])

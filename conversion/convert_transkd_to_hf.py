@@ -48,16 +48,20 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from openus_hub.pretrained import TRANSKD_UPSTREAM_COMMIT as UPSTREAM_COMMIT  # the upstream pins live in the registry
+from openus_hub.pretrained import TRANSKD_UPSTREAM as UPSTREAM_REPO
+
 if __package__:  # imported as the `conversion` package
+    from .model_card import CardError, check_card_name
     from ._common import (ConversionError, blaming, check_floating_point, check_output_dir, check_sha256,
                           max_abs_diff, one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 else:  # run as a script: this folder is on sys.path
+    from model_card import CardError, check_card_name
     from _common import (ConversionError, blaming, check_floating_point, check_output_dir, check_sha256,
                          max_abs_diff, one_line, save_atomic, sha256_file, verify_zip_checkpoint)
 
 logger = logging.getLogger("convert_transkd_to_hf")
 
-UPSTREAM_REPO, UPSTREAM_COMMIT = "RuipingL/TransKD", "39ab795d37d32bf2638acf9a384754cd25f7fd98"
 UPSTREAM_BLOCK_EPS, UPSTREAM_EMBED_EPS = 1e-6, 1e-5
 # Self-check bound, relative to the largest |value| of the reference output it is compared with. Float32 rounding
 # alone moves the outputs by up to 2.5e-6 of that scale with the eps fixed and 5.1e-6 with the stock eps 1e-5
@@ -448,11 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.card_name is not None and not args.no_card:
+            check_card_name(args.card_name)  # a typo fails now, not after the conversion
         check_output_dir(args.output_dir, args.overwrite, [args.checkpoint])
         model, report = convert(args.checkpoint, args.variant, expect_sha256=args.expect_sha256,
                                 allow_nonfinite=args.allow_nonfinite)
         save(model, report, args)
-    except ConversionError as err:
+    except (ConversionError, CardError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     logger.info("%s (MiT-%s): %d upstream keys -> %d transformers keys, %s parameters -> %s", args.variant,

@@ -35,6 +35,31 @@ class CardError(ValueError):
     """A card or metadata file that is incomplete or does not parse."""
 
 
+def card_names() -> list[str]:
+    """The names ``--card-name`` takes: the registry's names that have a card (:mod:`openus_hub.pretrained`), plus
+    the other metadata files in ``model_cards/`` (e.g. ``openus-converted``)."""
+    from openus_hub.pretrained import list_pretrained
+
+    registry = {e.name for e in list_pretrained() if e.card and (CARDS_DIR / e.card).is_file()}
+    return sorted(registry | {p.stem for p in CARDS_DIR.glob("*.json")})
+
+
+def check_card_name(name: str) -> None:
+    """Refuse a ``--card-name`` that names no card (one line, with the close matches), before any conversion runs.
+    A path to a metadata ``.json`` file is accepted as it is."""
+    if Path(name).suffix == ".json" and Path(name).is_file():
+        return
+    known = card_names()
+    if name in known:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise CardError(f"unknown model card name {name!r}.{hint} Known: {', '.join(known)} (model_cards/<NAME>.json), "
+                    "or a metadata .json path")
+
+
 def load_metadata(name_or_path: str | Path) -> dict:
     """Metadata of a named checkpoint (``model_cards/<name>.json``) or from a path."""
     path = Path(name_or_path)

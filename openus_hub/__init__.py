@@ -31,6 +31,11 @@ from .version import __version__
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
+# pipeline("image-feature-extraction") on an OpenUS model reads DICOM files, datasets and cine loops
+from . import pipelines as _pipelines  # noqa: E402
+
+_pipelines.register()
+
 # with timm installed, the backbones are timm models too: timm.create_model("openus_small", features_only=True)
 if _importlib_util.find_spec("timm") is not None:
     from . import timm_models as _timm_models

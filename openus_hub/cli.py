@@ -1,9 +1,10 @@
 """Command line: ``openus-hub embed INPUTS... --model DIR --output FILE`` (also ``push``, ``export-onnx``).
 
 ``embed`` exit codes: 0 every input embedded; 1 some inputs were skipped (the others are written, the summary says
-why); 2 nothing was done (bad arguments, an output that would be clobbered without ``--overwrite``, an unwritable
-output, or ``--overwrite`` where every input failed: the old file is kept); 130 / 143 interrupted by SIGINT /
-SIGTERM (everything embedded so far is saved; run the same command again to continue).
+why); 2 nothing was done (bad arguments, a ``--model`` that does not resolve: an unpublished or unknown registry
+name, a missing folder, a Hub id that is not cached while offline; an output that would be clobbered without
+``--overwrite``, an unwritable output, or ``--overwrite`` where every input failed: the old file is kept); 130 / 143
+interrupted by SIGINT / SIGTERM (everything embedded so far is saved; run the same command again to continue).
 
 Interruption: results are flushed every ``--flush-every`` inputs or ``--flush-seconds`` seconds, by an atomic
 rewrite (temporary file, then ``os.replace``). Without ``--overwrite`` they go straight into ``--output``, which is
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .io.files import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -133,18 +136,9 @@ def _remove_stale_temporaries(path: Path) -> None:
         return
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_output(path: Path, data: dict[str, np.ndarray], meta: dict[str, Any], skipped: list[tuple[str, str]]) -> None:
@@ -239,9 +233,12 @@ class _EmbedError(Exception):
 
 
 def _load_model(args: argparse.Namespace):
-    """(model, processor, fingerprint, embedding width) for ``--model``."""
+    """(model, processor, fingerprint, embedding width) for ``--model``: an ``.onnx`` export, or any name
+    :func:`openus_hub.pretrained.resolve` takes (a folder, a registry name, a Hub id)."""
     import torch
-    from transformers import AutoImageProcessor, AutoModel
+
+    from .features import load_processor
+    from .pretrained import OpenUSHubError, resolve
 
     if str(args.model).endswith(".onnx"):  # an exported graph, run in ONNX Runtime with the processor beside it
         from .onnx import ORTModel
@@ -254,18 +251,23 @@ def _load_model(args: argparse.Namespace):
             raise _EmbedError(f"{args.model} is a {model.task} export; embed needs one exported with --task "
                               "feature-extraction")
         return model, model.processor, model.fingerprint(), int(model.config.hidden_sizes[-1])
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(args.model)
-    model = getattr(model, "base_model", model).to(device).eval()
-    folder = Path(args.model)
-    if (folder / "preprocessor_config.json").is_file():
-        processor = AutoImageProcessor.from_pretrained(str(folder))
-    else:
-        from .models.openus import OpenUSImageProcessor
+    try:
+        folder, _ = resolve(args.model)
+    except OpenUSHubError as e:
+        raise _EmbedError(str(e)) from None
+    from .auto import AutoModel
 
-        processor = OpenUSImageProcessor()
-        logger.info("no preprocessor_config.json in %s: using OpenUSImageProcessor defaults", folder)
-    return model, processor, _model_fingerprint(model, folder), int(model.config.hidden_sizes[-1])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModel.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _EmbedError(f"cannot load --model {args.model} ({folder}): {first}") from None
+    model = getattr(model, "base_model", model).to(device).eval()
+    if not hasattr(model.config, "hidden_sizes"):
+        raise _EmbedError(f"--model {args.model} is a {model.config.model_type} model; embed needs an OpenUS model")
+    folder = Path(folder)
+    return model, load_processor(model, folder), _model_fingerprint(model, folder), int(model.config.hidden_sizes[-1])
 
 
 def _check_writable(path: Path) -> str | None:
@@ -471,7 +473,10 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .version import __version__
+
     parser = argparse.ArgumentParser(prog="openus-hub", description="OpenUS ultrasound foundation model tools")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     embed = sub.add_parser(
         "embed",
@@ -480,12 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes pooled embeddings plus a manifest (source, frame index, shape, crop box, sha256 of the source). "
         "Re-running on the same output skips inputs already embedded (same sha256). Results are saved every "
         "--flush-every files or --flush-seconds seconds; Ctrl-C (SIGINT) or SIGTERM saves and stops, and a re-run "
-        "continues. Exit codes: 0 all embedded, 1 some inputs skipped, 2 nothing done, 130/143 interrupted by "
+        "continues. Exit codes: 0 all embedded, 1 some inputs skipped, 2 nothing done (including a --model that "
+        "does not resolve: one line says why), 130/143 interrupted by "
         "SIGINT/SIGTERM (saved; run again to continue).",
     )
     embed.add_argument("inputs", nargs="+", help="files and/or folders")
     embed.add_argument("--model", required=True,
-                       help="OpenUS model folder (or hub id, when online), or a feature-extraction .onnx export")
+                       help="OpenUS model folder, registry name (openus_hub.list_models()) or Hub id 'org/name' "
+                            "(the local HF cache first; offline, only what is cached), or a feature-extraction .onnx "
+                            "export")
     embed.add_argument("--output", required=True, help="output file, .npz (or .parquet with openus_hub[parquet])")
     embed.add_argument("--batch-size", type=int, default=8)
     embed.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -20,78 +20,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import DicomImage, is_dicom_file, load_image_file, read_dicom, select_frames
-from .io.dicom import dicom_dataset, number_of_frames
+from .io.inputs import InputItem, expand_input
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class InputItem:
-    """One image fed to the model: the decoded image and where it came from."""
-
-    image: Any  # PIL image, array or single-frame DicomImage, as the image processor accepts it
-    source: str  # file path, or "<input i>" for in-memory inputs
-    frame_index: int  # frame of a cine loop; 0 for still images
-    shape: tuple[int, ...]  # (H, W, C) of the decoded image before cropping and resizing
-    crop_box: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) applied to DICOM frames
-
-
-@dataclass
+@dataclass(repr=False)
 class FeatureOutput:
     """Result of :func:`extract_features`, rows aligned with ``items``."""
 
     pooled: torch.Tensor  # [N, C] pooler_output (mean of the last-stage tokens)
-    stage_maps: list[torch.Tensor] | None  # 4 x [N, C_i, H_i, W_i], out-normed stage outputs (OpenUSBackbone's)
+    stage_maps: list[torch.Tensor] | None  # one [N, C_i, H_i, W_i] per stage (config.num_stages), out-normed
     items: list[InputItem] = field(default_factory=list)
 
+    def __repr__(self) -> str:  # one line: shapes, never values
+        def desc(t: torch.Tensor) -> str:
+            return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
 
-def _shape_of(image: Any) -> tuple[int, ...]:
-    if hasattr(image, "size") and hasattr(image, "mode"):  # PIL
-        w, h = image.size
-        return (h, w, len(image.getbands()))
-    return tuple(int(s) for s in np.shape(image))
-
-
-def expand_input(
-    item: Any, index: int = 0, *, frame_stride: int = 1, num_frames: int | None = None, dicom_crop: str = "auto"
-) -> list[InputItem]:
-    """Turn one input (path, PIL image, array, pydicom Dataset, DicomImage) into the images it stands for.
-
-    A DICOM file or dataset gives one item per selected frame (``frame_stride`` / ``num_frames``), cropped with
-    ``dicom_crop``; every other input gives one item. Errors from reading propagate (see :mod:`openus_hub.io`).
-    """
-    from pydicom.dataset import Dataset
-
-    if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        if not path.is_file():
-            raise FileNotFoundError(f"input file not found: {path}")
-        if is_dicom_file(path):
-            item = dicom_dataset(path)
-        else:
-            image = load_image_file(path)
-            return [InputItem(image, str(path), 0, _shape_of(image))]
-    if isinstance(item, Dataset):
-        source = str(getattr(item, "filename", None) or f"<input {index}>")
-        n = number_of_frames(item, source)
-        item = read_dicom(item, frames=select_frames(n, frame_stride, num_frames), crop=dicom_crop)
-        item_source = source
-    elif isinstance(item, DicomImage):
-        keep = select_frames(len(item), frame_stride, num_frames)
-        item = DicomImage(item.frames[keep], [item.frame_indices[i] for i in keep], item.metadata)
-        item_source = f"<input {index}>"
-    else:
-        _check_finite(item, index)
-        return [InputItem(item, f"<input {index}>", 0, _shape_of(item))]
-    meta = item.metadata
-    shape = (meta.rows, meta.columns, int(item.frames.shape[-1]))
-    return [
-        InputItem(
-            DicomImage(item.frames[i : i + 1], [f], meta), item_source, int(f), shape, meta.crop_box
-        )
-        for i, f in enumerate(item.frame_indices)
-    ]
+        maps = "None" if self.stage_maps is None else \
+            f"{len(self.stage_maps)} [{', '.join(desc(m) for m in self.stage_maps)}]"
+        sources = len({it.source for it in self.items})
+        return (f"FeatureOutput(pooled={desc(self.pooled)}, stage_maps={maps}, items={len(self.items)} from "
+                f"{sources} input(s))")
 
 
 def _check_finite(item: Any, index: int) -> None:
@@ -124,8 +74,9 @@ def _resolve_model(model: Any, dtype: torch.dtype | None = None) -> torch.nn.Mod
 def load_feature_model(name: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A folder / registry name / Hub id as ``OpenUSBackbone`` holding every out-norm the folder has (the stages its
     config lists, plus the last stage's): the network :func:`out_normed_stage_maps` reads."""
-    from .auto import AutoBackbone, resolve
+    from .auto import AutoBackbone
     from .models.openus.configuration_openus import OpenUSConfig
+    from .pretrained import resolve
 
     path, _ = resolve(name)
     config = OpenUSConfig.from_pretrained(path)
@@ -154,18 +105,19 @@ def _out_norm(model: torch.nn.Module, stage: int, hidden_state: torch.Tensor) ->
     return normed.permute(0, 3, 1, 2)
 
 
-def _resolve_processor(model: torch.nn.Module, processor: Any) -> Any:
-    if processor is not None:
-        return processor
+def load_processor(model: Any, folder: str | os.PathLike | None = None) -> Any:
+    """The image processor of a model: an ORTModel's own, else ``preprocessor_config.json`` in ``folder`` (default:
+    the folder the model was loaded from), else ``OpenUSImageProcessor()`` (upstream preprocessing). The one place
+    both :func:`extract_features` and ``openus-hub embed`` choose it."""
     if getattr(model, "processor", None) is not None:  # ORTModel: the processor saved beside the .onnx
         return model.processor
     from .models.openus.image_processing_openus import OpenUSImageProcessor
 
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    name = folder if folder is not None else getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     if name and Path(name, "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
-        return AutoImageProcessor.from_pretrained(name)
+        return AutoImageProcessor.from_pretrained(str(name))
     logger.info("no preprocessor_config.json next to the model: using OpenUSImageProcessor defaults (upstream)")
     return OpenUSImageProcessor()
 
@@ -235,9 +187,10 @@ def extract_features(
         processor: the image processor; default: the model folder's ``preprocessor_config.json`` if there is one,
             else ``OpenUSImageProcessor()`` (upstream preprocessing).
         batch_size: images per forward pass.
-        return_stage_maps: also return the four out-normed stage maps ``(N, C_i, H_i, W_i)`` (memory: stage 1 is 56x56
-            per image at 224). A stage whose out-norm the model does not hold (``OpenUSModel`` keeps the last only) is
-            normalised with that norm's initial weight 1 / bias 0, where upstream pretraining leaves it.
+        return_stage_maps: also return the out-normed stage maps ``(N, C_i, H_i, W_i)``, one per stage of the
+            model's config (memory: stage 1 is 56x56 per image at 224). A stage whose out-norm the model does not
+            hold (``OpenUSModel`` keeps the last only) is normalised with that norm's initial weight 1 / bias 0,
+            where upstream pretraining leaves it.
         frame_stride / num_frames: cine frame sampling (see :func:`openus_hub.io.select_frames`).
         dicom_crop: ``"auto"`` / ``"regions"`` / ``"heuristic"`` / ``"none"``; default: the processor's ``dicom_crop``.
 
@@ -246,12 +199,13 @@ def extract_features(
         crop box per row).
     """
     base = _resolve_model(model)
-    processor = _resolve_processor(base, processor)
+    processor = processor if processor is not None else load_processor(base)
     crop = dicom_crop if dicom_crop is not None else getattr(processor, "dicom_crop", "auto")
     if not isinstance(inputs, (list, tuple)):
         inputs = [inputs]
     items: list[InputItem] = []
     for i, inp in enumerate(inputs):
+        _check_finite(inp, i)
         items.extend(expand_input(inp, i, frame_stride=frame_stride, num_frames=num_frames, dicom_crop=crop))
     was_training = base.training
     base.eval()

@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .pretrained import hub_offline
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ALLOWED_KINDS", "PushError", "add_push_subcommand", "check_folder", "push", "push_main"]
@@ -435,13 +437,6 @@ def check_folder(folder: str | os.PathLike, load: bool = True, allow: Sequence[s
     return files
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
 def _explain(err: Exception, repo_id: str) -> PushError:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -459,6 +454,18 @@ def _explain(err: Exception, repo_id: str) -> PushError:
     return PushError(f"push to {repo_id} failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
 
 
+def _model_folder(name: str | os.PathLike) -> str:
+    """A folder as it is; any other name through openus_hub's resolver (registry name, then Hub id)."""
+    from .pretrained import OpenUSHubError, resolve
+
+    if os.path.isdir(name):
+        return os.fspath(name)
+    try:
+        return resolve(name)[0]
+    except OpenUSHubError as err:
+        raise PushError(str(err)) from None
+
+
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, dry_run: bool = False, commit_message: str | None = None,
          token: str | None = None, allow: Sequence[str] = ()) -> dict:
@@ -466,14 +473,14 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     ``"waived"`` lists the findings accepted through ``allow`` patterns (``--allow``)."""
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise PushError(f"--repo-id must be ORG/NAME, got {repo_id!r}")
-    folder = Path(folder)
+    folder = Path(_model_folder(folder))
     waived: list[str] = []
     files = check_folder(folder, allow=allow, waived=waived)
     result = {"repo_id": repo_id, "files": [str(f) for f in files],
               "sizes": {str(f): (folder / f).stat().st_size for f in files}, "dry_run": dry_run, "waived": waived}
     if dry_run:
         return result
-    if _offline():
+    if hub_offline():
         raise PushError("offline mode is enabled (HF_HUB_OFFLINE=1): unset it to push, or use --dry-run")
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 
@@ -526,7 +533,8 @@ def add_push_subcommand(subparsers) -> argparse.ArgumentParser:
         "load with the Auto classes and have a README.md model card with a licence. HF_TOKEN and HF_ENDPOINT come "
         "from the environment. Exit codes: 0 pushed (or dry run passed), 2 refused or failed.",
     )
-    p.add_argument("folder", help="model folder (save_pretrained output with README.md)")
+    p.add_argument("folder", help="model folder (save_pretrained output with README.md); a published registry name "
+                   "or Hub id resolves as in from_pretrained")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", default=None, help="branch to commit to (created if missing)")

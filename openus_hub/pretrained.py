@@ -1,11 +1,15 @@
-"""Named checkpoints of openus_hub: one plain table, in the spirit of timm's ``pretrained_cfg`` and open_clip's
-``pretrained.py``.
+"""Model names of openus_hub: the registry of named checkpoints and :func:`resolve`, the one resolver every entry
+point uses (the Auto classes, ``pipeline``, ``extract_features``, ``openus-hub embed/push/export-onnx``, the
+converters' ``--card-name`` and timm's ``pretrained=True``). It also holds the upstream commit pins and the offline
+check (:func:`hub_offline`).
+
+The registry is one plain table, in the spirit of timm's ``pretrained_cfg`` and open_clip's ``pretrained.py``.
 
 Each entry names a Hub repo and a pinned revision, the sha256 of its ``model.safetensors``, where the weights come
 from (upstream repo + commit, or our training config), the licence, task, input size and a status:
 
-* ``"published"``: weights are on the Hub at ``repo_id@revision``; ``openus_hub.AutoModel.from_pretrained(name)``
-  resolves them (local folder, then the HF cache, then the Hub) and checks the sha256.
+* ``"published"``: weights are on the Hub at ``repo_id@revision``; :func:`resolve` fetches them (the HF cache first,
+  then the Hub) and checks the sha256.
 * ``"convert from upstream"``: the architecture exists upstream with trained weights that are not (yet) on the Hub;
   loading the name raises :class:`UnpublishedModelError` with the conversion command.
 * ``"train yourself"``: no trained weights exist; the error names the training recipe.
@@ -26,15 +30,24 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "ChecksumMismatchError",
     "DEFAULT_ORG",
+    "ModelNotFoundError",
+    "NotCachedError",
+    "OPENUS_UPSTREAM",
+    "OPENUS_UPSTREAM_COMMIT",
     "OpenUSHubError",
     "PretrainedEntry",
     "STATUSES",
@@ -44,8 +57,13 @@ __all__ = [
     "hub_org",
     "list_models",
     "list_pretrained",
+    "hub_offline",
     "register_pretrained",
     "reset_registry",
+    "resolve",
+    "sha256_file",
+    "TRANSKD_UPSTREAM",
+    "TRANSKD_UPSTREAM_COMMIT",
     "unregister_pretrained",
 ]
 
@@ -120,21 +138,19 @@ class PretrainedEntry:
         return d
 
     def unpublished_message(self) -> str:
-        head = f"'{self.name}' has no published weights (status: {self.status})"
-        if self.status == "convert from upstream":
-            what = f"Convert the upstream checkpoint ({self.source}) into a folder:\n    {self.how_to_get}"
-        else:
-            what = f"Train it yourself:\n    {self.how_to_get}"
+        """One line: what the entry is, the command that produces its weights, and how to load or publish them."""
+        what = "convert the upstream checkpoint" if self.status == "convert from upstream" else "train it yourself"
         return (
-            f"{head}. {what}\nthen load the folder: from_pretrained('<output folder>'), or publish it and register "
-            "it (openus_hub.register_pretrained(...) or a JSON file in OPENUS_HUB_REGISTRY) with status 'published', "
-            "a pinned revision and its sha256. openus_hub never substitutes other weights."
+            f"'{self.name}' has no published weights (status: {self.status}); {what}: {self.how_to_get}; then load "
+            "the output folder by its path, or publish it and register it with status 'published', a pinned revision "
+            "and its sha256 (openus_hub.register_pretrained or OPENUS_HUB_REGISTRY). openus_hub never substitutes "
+            "other weights."
         )
 
 
 _OPENUS_CONVERT = (
-    "python conversion/convert_openus_to_hf.py --checkpoint checkpoint0100.pth --output-dir {name}"
-    "   # upstream weights are not released yet (XZheng0427/OpenUS issue #4)"
+    "python conversion/convert_openus_to_hf.py --checkpoint checkpoint0100.pth --output-dir {name} "
+    "(upstream has not released the weights yet, XZheng0427/OpenUS issue #4)"
 )
 _OPENUS_MEAN, _OPENUS_STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)  # upstream's normalisation
 
@@ -161,7 +177,7 @@ def _transkd(name: str, variant: str, description: str, architecture: str = "Seg
         architecture=architecture, license="other", source=f"{TRANSKD_UPSTREAM}@{TRANSKD_UPSTREAM_COMMIT}",
         input_size=(3, 512, 1024), mean=None, std=None,
         how_to_get=(f"python conversion/convert_transkd_to_hf.py --checkpoint {upstream_file} --variant {variant} "
-                    f"--output-dir {name}   # weights: the TransKD README's Google Drive folder"),
+                    f"--output-dir {name} (weights: the TransKD README's Google Drive folder)"),
         card=f"{name}.json", description=description,
     )
 
@@ -261,7 +277,7 @@ def get_pretrained(name: str) -> PretrainedEntry:
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise UnknownModelError(
         f"unknown openus_hub model {name!r}.{hint} openus_hub.list_models() lists the {len(registry)} known names; "
-        "a local folder or a Hub id 'org/name' is passed to transformers unchanged."
+        "a local folder or a Hub id 'org/name' loads as such."
     )
 
 
@@ -280,3 +296,169 @@ def list_models(pattern: str = "*", status: str | None = None, published_only: b
 def list_pretrained(pattern: str = "*") -> list[PretrainedEntry]:
     """The entries behind :func:`list_models`, for tables and cards."""
     return [_registry()[n] for n in list_models(pattern)]
+
+
+# ------------------------------------------------------------------------------------------------ resolving names
+class ModelNotFoundError(OpenUSHubError, FileNotFoundError):
+    """A model path that is no folder (missing, or a file), or a Hub id the Hub does not have."""
+
+
+class NotCachedError(OpenUSHubError, OSError):
+    """Offline (``HF_HUB_OFFLINE``) or the Hub unreachable, and the model is not in the local HF cache."""
+
+
+class ChecksumMismatchError(OpenUSHubError, OSError):
+    """``model.safetensors`` does not have the sha256 the registry records: tampered, truncated or wrong revision."""
+
+
+WEIGHTS_NAME = "model.safetensors"
+# what a model folder consists of; never pickles (``*.bin``, ``*.pth``), which openus_hub does not load
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt"]
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is offline: ``HF_HUB_OFFLINE`` read now (set after import, too) or at its import."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (symlinks followed); cached per (real path, size, mtime)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def _cache_dir(explicit: str | os.PathLike | None) -> str | None:
+    if explicit:
+        return str(explicit)
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None  # huggingface_hub's default
+
+
+def _verify(entry: PretrainedEntry, folder: str, verify: bool | None) -> None:
+    if verify is None:
+        verify = os.environ.get("OPENUS_HUB_VERIFY_SHA256", "1").lower() not in {"0", "false", "no", "off"}
+    if not verify or not entry.sha256:
+        return
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise ChecksumMismatchError(f"{entry.name}: {WEIGHTS_NAME} is missing from {folder}")
+    got = sha256_file(path)
+    if got != entry.sha256:
+        raise ChecksumMismatchError(
+            f"{entry.name}: {WEIGHTS_NAME} at {entry.resolved_repo_id}@{entry.revision} has sha256 {got}, the registry "
+            f"records {entry.sha256}. The cached file ({os.path.realpath(path)}) is corrupt or was modified: delete "
+            "it and download again (or pass verify_sha256=False to load it anyway)."
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that can only mean a local path: absolute, ``./``, ``../``, ``~``, a path separator other than the
+    one ``org/name`` has, or more than one ``/``."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
+def _snapshot(lead: str, repo_id: str, revision: str | None, cache_dir: str | None, token: str | bool | None) -> str:
+    """The local folder of ``repo_id@revision``: from the HF cache, else downloaded (model files only). Offline, or
+    with the Hub unreachable, a miss fails at once with one line (no retries)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    cache = cache_dir or "the default location"
+    try:
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        logger.info("%s%s from the local HF cache %s", lead, at, folder)
+        return folder
+    except LocalEntryNotFoundError:
+        pass
+    if hub_offline():
+        raise NotCachedError(
+            f"{lead}{at} is not in the local HF cache ({cache}) and HF_HUB_OFFLINE is set: download it once "
+            "online, point HF_HUB_CACHE at a cache that has it, or pass a local folder") from None
+    try:
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=DOWNLOAD_PATTERNS,
+                                   token=token)
+    except GatedRepoError:
+        raise NotCachedError(f"{lead}{at} is gated on the Hub: accept its terms on the model page and set "
+                             "HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{lead}{at}: the Hub has no such model (or it is private: set HF_TOKEN)"
+                                 ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"{lead}{at}: the Hub has no revision {revision!r}") from None
+    except LocalEntryNotFoundError as err:  # huggingface_hub could not connect and found nothing in the cache
+        from huggingface_hub import constants
+
+        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+        reason = str(err).splitlines()[0].removeprefix("Got: ")[:200] if str(err) else type(err).__name__
+        raise NotCachedError(
+            f"{lead}{at} is not in the local HF cache ({cache}) and openus_hub cannot reach {endpoint} "
+            f"({reason}): connect, set HF_HUB_CACHE to a cache that has it, or pass a local folder") from None
+    except HfHubHTTPError as err:
+        raise NotCachedError(f"{lead}{at}: the Hub answered {str(err).splitlines()[0][:200]}") from None
+    logger.info("%s%s downloaded to %s", lead, at, folder)
+    return folder
+
+
+def resolve(name: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+            verify_sha256: bool | None = None, token: str | bool | None = None) -> tuple[str, PretrainedEntry | None]:
+    """The one way a model name becomes a local folder, used by every entry point of openus_hub.
+
+    In order:
+
+    1. a local folder (``config.json`` inside) is returned as it is;
+    2. a registry name (:func:`list_models`): an unpublished entry raises :class:`UnpublishedModelError` with the
+       command that produces its weights; a published one resolves to its pinned Hub revision (local HF cache first)
+       and ``model.safetensors`` is checked against the registry's sha256 (``verify_sha256=False`` or
+       ``OPENUS_HUB_VERIFY_SHA256=0`` skip that; a mismatch raises :class:`ChecksumMismatchError`);
+    3. a Hub id (``org/name``): the local HF cache, else the Hub (model files only: json, safetensors, md, txt).
+
+    A name in openus_hub's namespace (``openus-*``, ``transkd-*``) that the registry does not know raises
+    :class:`UnknownModelError`; a path that is no folder :class:`ModelNotFoundError`. Offline (``HF_HUB_OFFLINE``)
+    or with the Hub unreachable, a model that is not cached raises :class:`NotCachedError` at once, without retries.
+    Every message is one line. Returns ``(folder, registry entry or None)``.
+    """
+    name = os.fspath(name)
+    if os.path.isdir(name):
+        return name, None
+    if os.path.isfile(name):
+        raise ModelNotFoundError(f"{name} is a file; pass the model folder that holds config.json and "
+                                 "model.safetensors (an .onnx export loads with openus_hub.onnx.ORTModel)")
+    try:
+        entry = get_pretrained(name)
+    except UnknownModelError:
+        if is_reserved_name(name):
+            raise
+        entry = None
+    if entry is not None:
+        if not entry.published:
+            raise UnpublishedModelError(entry.unpublished_message())
+        rev = revision or entry.revision
+        folder = _snapshot(f"'{name}' -> ", entry.resolved_repo_id, rev, _cache_dir(cache_dir), token)
+        if rev == entry.revision:
+            _verify(entry, folder, verify_sha256)
+        elif verify_sha256:
+            raise ChecksumMismatchError(f"{name}: the registry's sha256 is for revision {entry.revision}, not {rev}")
+        return folder, entry
+    if _looks_like_path(name) or not name.strip("/"):
+        raise ModelNotFoundError(f"no model folder at {name} (and it is not a registry name or a Hub id 'org/name'); "
+                                 "openus_hub.list_models() lists the registry names")
+    lead = f"'{name}' is not a local folder or a registry name, and Hub model "
+    return _snapshot(lead, name, revision, _cache_dir(cache_dir), token), None

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 from typing import Any
 
@@ -58,7 +59,7 @@ from .models.openus.modeling_openus import (
     check_pixel_values,
     conv_channels_last,
 )
-from .pretrained import UnpublishedModelError, get_pretrained
+from .pretrained import WEIGHTS_NAME, UnpublishedModelError, get_pretrained, resolve
 
 __all__ = ["TIMM_NAMES", "OpenUS", "checkpoint_filter_fn", "register"]
 
@@ -318,12 +319,13 @@ def _create_openus(variant: str, pretrained: bool = False, **kwargs: Any) -> Ope
         if not entry.published:
             raise UnpublishedModelError(
                 entry.unpublished_message()
-                + f"\nWith timm: timm.create_model('{variant}', pretrained=True, "
+                + f" With timm: timm.create_model('{variant}', pretrained=True, "
                 "pretrained_cfg_overlay=dict(file='<folder>/model.safetensors'))"
             )
-        # the registry may have gained a pinned revision since register() (register_pretrained, OPENUS_HUB_REGISTRY)
+        # openus_hub's resolver fetches the pinned revision (HF cache first, fails fast offline) and checks its
+        # sha256; timm then reads that local file
         overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-        overlay.setdefault("hf_hub_id", f"{entry.resolved_repo_id}@{entry.revision}")
+        overlay["file"] = os.path.join(resolve(entry.name)[0], WEIGHTS_NAME)
         kwargs["pretrained_cfg_overlay"] = overlay
     # the preset's architecture; stochastic depth off unless asked for (timm's convention; the preset's rate is
     # the pretraining one). Feature extraction reads every stage's out-norm: build them (before weights load).

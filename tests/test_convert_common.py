@@ -179,7 +179,8 @@ def test_next_run_recovers_before_writing(tmp_path):
     write_folder_atomic(out, _writer("old"))
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
-    assert subprocess.run([sys.executable, str(script), str(out), "aside", "0"], timeout=120).returncode == -9
+    assert subprocess.run([sys.executable, str(script), str(out), "aside", "0"], timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}).returncode == -9
     assert not out.exists() and _leftovers(tmp_path)
     with pytest.raises(ConversionError, match="holds a previous export"):  # recovered first, then refused as usual
         write_folder_atomic(out, _writer("next"))

@@ -155,13 +155,14 @@ def test_offline_and_not_cached_says_so(hf_cache, tmp_path, monkeypatch):
         openus_hub.AutoModel.from_pretrained("openus-small")
 
 
-def test_local_folder_wins_and_hub_ids_pass_through(hf_cache, converted, tmp_path, monkeypatch):
+def test_local_folder_wins_and_uncached_hub_ids_fail_offline(hf_cache, converted, tmp_path, monkeypatch):
     folder, io = converted
     monkeypatch.chdir(tmp_path)
     shutil.copytree(folder, tmp_path / "openus-small")
     path, entry = resolve("openus-small")
     assert entry is None and path == "openus-small"
-    assert resolve("some-org/some-model") == ("some-org/some-model", None)
+    with pytest.raises(NotCachedError, match="not in the local HF cache .* HF_HUB_OFFLINE is set"):
+        resolve("some-org/some-model")  # a Hub id resolves through the HF cache too; offline, a miss fails at once
     assert resolve(str(folder)) == (str(folder), None)
     _assert_parity("openus-small", io)
 

@@ -90,7 +90,7 @@ def test_openus_converter_card_options(tmp_path, capsys):
     assert conv.main(["--checkpoint", ckpt, "--output-dir", str(tmp_path / "a"), "--no-card"]) == 0
     assert not (tmp_path / "a" / "README.md").exists()
     assert conv.main(["--checkpoint", ckpt, "--output-dir", str(tmp_path / "b"), "--card-name", "nope"]) == 2
-    assert "model card: no card metadata" in capsys.readouterr().err
+    assert "unknown model card name 'nope'" in capsys.readouterr().err  # refused before converting
     assert not (tmp_path / "b").exists()  # nothing half-written
     assert conv.main(["--checkpoint", ckpt, "--output-dir", str(tmp_path / "c"), "--card-name", "openus-small"]) == 0
     assert ModelCard.load(tmp_path / "c" / "README.md").data.model_name == "openus-small"

@@ -114,8 +114,8 @@ def _iou_dice(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def trained_student(tmp_path_factory):
-    """B0 trained for 50 steps on the synthetic masks of the even frames (held-out Dice ~0.9 against the synthetic
-    masks at 128x128); odd frames are held out."""
+    """B0 trained for 50 steps on the synthetic masks of the even frames (held-out Dice 0.955 against the synthetic
+    masks); odd frames are held out."""
     root = tmp_path_factory.mktemp("student")
     frames, masks = echo_frames(), synthetic_masks(echo_frames())
     proc = processor(TRAIN_SIZE)
@@ -133,6 +133,17 @@ def trained_student(tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    # The decode head's BatchNorm keeps running statistics from batches of 4 while the weights still move; evaluated
+    # with them, held-out Dice swings between 0.59 and 0.94 with the step count (and so with the CPU's rounding), and
+    # pixels near the boundary decide the int8 agreement. Recomputing the statistics over the training frames with the
+    # final weights gives held-out Dice 0.955 and int8 agreement 99.6% (95.6% without), steady from 50 to 150 steps.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the batches below
+    with torch.no_grad():
+        for start in range(0, len(train), 5):
+            model(pixel_values=pixels[train[start:start + 5]])
     model.eval()
     _save(model, root / "student", proc)
     calibration = root / "calibration"
@@ -172,7 +183,7 @@ def test_int8_static_quantisation_keeps_the_mask(trained_student, capsys):
         print(f"\nint8 static vs fp32 on {len(held_out)} held-out echo frames: mask agreement {100 * agreement:.2f}%, "
               f"mIoU {fp32_miou:.4f} -> {int8_miou:.4f}, Dice {fp32_dice:.4f} -> {int8_dice:.4f}")
     # the model learned something (a constant mask would agree trivially)
-    assert 0.1 < results["fp32"].mean() < 0.9 and fp32_dice > 0.5
+    assert 0.1 < results["fp32"].mean() < 0.9 and fp32_dice > 0.9
     assert agreement >= MIN_AGREEMENT
 
 

@@ -44,7 +44,7 @@ from training.common.config import ConfigError, dump_config, load_config
 from training.common.distributed import (all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed,
                                          on_rank0)
 from training.common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
-from training.common.output_dir import DISTILL_FILES, prepare_output_dir
+from training.common.output_dir import DISTILL_FILES, add_run_arguments, log_prepared_run, prepare_output_dir
 from training.common.progress import finish, progress_bar, redirect_logging
 from training.common.rng import rng_state, seed_everything, set_rng_state
 from training.common.run_info import run_metadata
@@ -298,16 +298,12 @@ def restore(ckpt: dict, path: Path, distiller: torch.nn.Module, optimizer: torch
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file (training/configs/distill/*.yaml)")
-    parser.add_argument("--output-dir", required=True, help="run folder (config, checkpoints, summary, figures)")
-    parser.add_argument("--resume", default=None,
-                        help="'auto': OUTPUT_DIR/checkpoints/last.pt, or best.pt when last.pt does not verify against "
-                             "its sha256 or load (none there: start afresh); or a checkpoint path")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in a non-empty OUTPUT_DIR: delete a previous distillation run's files "
-                             "there (nothing else; refused if the folder holds other files)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. train.max_steps=4")
-    return parser
+    return add_run_arguments(
+        parser, config_help="YAML file (training/configs/distill/*.yaml)", config_required=True,
+        output_help="run folder (config, checkpoints, summary, figures)",
+        resume_help="'auto': OUTPUT_DIR/checkpoints/last.pt, or best.pt when last.pt does not verify against its sha256 "
+                    "or load (none there: start afresh); or a checkpoint path",
+        job="distillation run", override_example="train.max_steps=4")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,14 +356,7 @@ def run(args: argparse.Namespace | list[str]) -> dict:
 
     removed, notes, resume, skipped = on_rank0(prepare)
     if rank == 0:
-        if removed:
-            logger.info("--overwrite: deleted %d file(s) of the previous run in %s", len(removed), out_dir)
-        for line in notes:
-            logger.info("%s: %s", ckpt_dir, line)
-        for line in skipped:
-            logger.warning("--resume auto: skipped %s", line)
-        if args.resume == "auto" and resume is None:
-            logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
+        log_prepared_run(out_dir, ckpt_dir, removed, notes, skipped, args.resume, resume)
     seed_everything(tc["seed"])
 
     teacher, distiller, optimizer = build_training(cfg, device)

@@ -43,7 +43,13 @@ from .common.checkpoint import (CheckpointError, atomic_write_text, checkpoint_p
                                 new_run_id, prune_checkpoints, save_checkpoint, select_checkpoint)
 from .common.config import ConfigError, dump_config
 from .common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
-from .common.output_dir import DOWNSTREAM_FILES, keep_log_records, prepare_output_dir
+from .common.output_dir import (
+    DOWNSTREAM_FILES,
+    add_run_arguments,
+    keep_log_records,
+    log_prepared_run,
+    prepare_output_dir,
+)
 from .common.progress import finish, progress_bar, redirect_logging
 from .common.rng import seed_everything, step_seed
 from .common.run_info import git_sha, portable_path, run_metadata
@@ -58,16 +64,12 @@ FORMAT = "openus_hub.downstream/1"
 
 def get_args_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file (training/configs/downstream/*.yaml); unset keys keep the defaults")
-    p.add_argument("--output-dir", required=True, help="run folder (config, log, checkpoints, results, model/)")
-    p.add_argument("--resume", default=None,
-                   help="'auto': the newest checkpoint in OUTPUT_DIR/checkpoints that verifies against its sha256 and "
-                        "loads (none there: start afresh); or a checkpoint path")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a non-empty OUTPUT_DIR: delete a previous run's files there (nothing else; "
-                        "refused if the folder holds other files)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
-    return p
+    return add_run_arguments(
+        p, config_help="YAML file (training/configs/downstream/*.yaml); unset keys keep the defaults",
+        output_help="run folder (config, log, checkpoints, results, model/)",
+        resume_help="'auto': the newest checkpoint in OUTPUT_DIR/checkpoints that verifies against its sha256 and loads "
+                    "(none there: start afresh); or a checkpoint path",
+        job="run", override_example="train.max_steps=2")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,14 +382,7 @@ def train(task: str, args: argparse.Namespace) -> dict:
 
     removed, notes, resume, skipped = du.on_rank0(prepare)
     if rank == 0:
-        if removed:
-            logger.info("--overwrite: deleted %d file(s) of the previous run in %s", len(removed), out_dir)
-        for line in notes:
-            logger.info("%s: %s", ckpt_dir, line)
-        for line in skipped:
-            logger.warning("--resume auto: skipped %s", line)
-        if args.resume == "auto" and resume is None:
-            logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
+        log_prepared_run(out_dir, ckpt_dir, removed, notes, skipped, args.resume, resume)
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml")
     du.barrier()

@@ -63,7 +63,13 @@ from .common.checkpoint import (CheckpointError, checkpoint_path, finish_interru
                                 prune_checkpoints, save_checkpoint, select_checkpoint, tensor_like)
 from .common.config import ConfigError, dump_config, load_config
 from .common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
-from .common.output_dir import PRETRAIN_FILES, keep_log_records, prepare_output_dir
+from .common.output_dir import (
+    PRETRAIN_FILES,
+    add_run_arguments,
+    keep_log_records,
+    log_prepared_run,
+    prepare_output_dir,
+)
 from .common.progress import finish, progress_bar, redirect_logging
 from .common.rng import seed_everything, step_seed
 from .common.run_info import run_metadata
@@ -115,16 +121,12 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file (training/configs/*.yaml); unset keys keep the defaults")
-    p.add_argument("--output-dir", required=True, help="run folder (config, log, checkpoints, figures)")
-    p.add_argument("--resume", default=None,
-                   help="'auto': the newest checkpoint in OUTPUT_DIR/checkpoints that verifies against its sha256 and "
-                        "loads (none there: start afresh); or a checkpoint path")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a non-empty OUTPUT_DIR: delete a previous pretraining run's files there "
-                        "(nothing else; refused if the folder holds other files)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=2")
-    return p
+    return add_run_arguments(
+        p, config_help="YAML file (training/configs/*.yaml); unset keys keep the defaults",
+        output_help="run folder (config, log, checkpoints, figures)",
+        resume_help="'auto': the newest checkpoint in OUTPUT_DIR/checkpoints that verifies against its sha256 and loads "
+                    "(none there: start afresh); or a checkpoint path",
+        job="pretraining run", override_example="train.max_steps=2")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -352,14 +354,7 @@ def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:
 
     removed, notes, resume_path, skipped = du.on_rank0(prepare)
     if rank == 0:
-        if removed:
-            logger.info("--overwrite: deleted %d file(s) of the previous run in %s", len(removed), out_dir)
-        for line in notes:
-            logger.info("%s: %s", ckpt_dir, line)
-        for line in skipped:
-            logger.warning("--resume auto: skipped %s", line)
-        if args.resume == "auto" and resume_path is None:
-            logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
+        log_prepared_run(out_dir, ckpt_dir, removed, notes, skipped, args.resume, resume_path)
     state = found.get("state") if rank == 0 else (load_checkpoint(resume_path, verify=False) if resume_path else None)
     if state is not None:  # the run continues with the configuration it was started with
         cfg = state["config"]

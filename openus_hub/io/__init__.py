@@ -16,6 +16,7 @@ from .dicom import (
     ultrasound_regions,
 )
 from .images import IMAGE_EXTENSIONS, ImageReadError, find_inputs, is_supported_file, load_image_file
+from .inputs import InputItem, expand_input
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -25,7 +26,9 @@ __all__ = [
     "DicomMetadata",
     "DicomReadError",
     "ImageReadError",
+    "InputItem",
     "UltrasoundRegion",
+    "expand_input",
     "find_inputs",
     "heuristic_crop_box",
     "is_dicom_file",

@@ -139,6 +139,13 @@ class DicomImage:
     def __len__(self) -> int:
         return int(self.frames.shape[0])
 
+    def __repr__(self) -> str:  # one line: never the pixels
+        idx = self.frame_indices
+        shown = ", ".join(map(str, idx[:4])) + (f", ... ({len(idx)} frames)" if len(idx) > 4 else "")
+        return (f"DicomImage(frames={tuple(self.frames.shape)} {self.frames.dtype}, frame_indices=[{shown}], "
+                f"photometric_interpretation={self.metadata.photometric_interpretation!r}, "
+                f"crop_box={self.metadata.crop_box})")
+
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
     """True when ``path`` has the 128-byte preamble + ``DICM`` marker, or a DICOM extension (checked by reading)."""

@@ -1,6 +1,7 @@
 """``openus-hub export-onnx MODEL --output FILE.onnx``: the command-line face of :func:`openus_hub.onnx.export_onnx`.
 
-Exit codes: 0 written (and checked against PyTorch in ONNX Runtime); 2 nothing written (bad input, missing extra).
+Exit codes: 0 written (and checked against PyTorch in ONNX Runtime); 2 nothing written (bad input, a model name that
+does not resolve, missing extra).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def add_export_onnx_subcommand(sub) -> None:
         "config.json + preprocessor_config.json beside it. The image size is fixed at export; the batch size too "
         "unless --dynamic-batch. Exit codes: 0 written, 2 nothing written.",
     )
-    p.add_argument("model", help="model folder (config.json + model.safetensors) or registered model name")
+    p.add_argument("model", help="model folder (config.json + model.safetensors), registry name or Hub id "
+                   "(resolved as in from_pretrained: the local HF cache first)")
     p.add_argument("--output", required=True, help="output file, .onnx")
     p.add_argument("--task", choices=TASKS, default=None, help="default: from the saved architecture")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {DEFAULT_OPSET}-{MAX_OPSET}")

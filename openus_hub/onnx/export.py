@@ -131,21 +131,22 @@ def _load(model: Any, task: str | None, check=lambda task, model_type: None) -> 
     if folder.is_file():
         raise ExportError(f"{source} is a file; export-onnx takes a model folder (config.json + model.safetensors) "
                           "or a registered model name")
-    if folder.is_dir():
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise ExportError(f"{source} has no config.json: not a saved model folder (write one with "
-                              "save_pretrained, the converters or training.export_student)")
-        try:
-            raw = json.loads(config_path.read_text())
-        except (OSError, ValueError) as e:
-            raise ExportError(f"{config_path} is not readable JSON ({type(e).__name__})") from e
-        model_type, architectures = raw.get("model_type", ""), list(raw.get("architectures") or [])
-    else:  # a registered name: resolved (and checked) by openus_hub's Auto classes
-        from openus_hub.auto import AutoConfig
+    if not folder.is_dir():  # a registry name or Hub id: openus_hub's resolver makes it a folder (or says why not)
+        from openus_hub.pretrained import OpenUSHubError, resolve
 
-        config = AutoConfig.from_pretrained(source)
-        model_type, architectures = _model_type(config), list(getattr(config, "architectures", None) or [])
+        try:
+            folder = Path(resolve(source)[0])
+        except OpenUSHubError as e:
+            raise ExportError(str(e)) from None
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"{source} has no config.json: not a saved model folder (write one with "
+                          "save_pretrained, the converters or training.export_student)")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{config_path} is not readable JSON ({type(e).__name__})") from e
+    model_type, architectures = raw.get("model_type", ""), list(raw.get("architectures") or [])
     task = _resolve_task(model_type, architectures, task, source)
     check(task, model_type)
     import openus_hub.auto as auto
@@ -158,10 +159,10 @@ def _load(model: Any, task: str | None, check=lambda task, model_type: None) -> 
     if task == "feature-extraction" and model_type == "openus":  # every out-norm the folder holds (stage maps)
         from openus_hub.features import load_feature_model
 
-        loaded = load_feature_model(source)
+        loaded = load_feature_model(folder)
     else:
-        loaded = loader.from_pretrained(source)
-    return loaded, task, model_type, folder if folder.is_dir() else None
+        loaded = loader.from_pretrained(str(folder))
+    return loaded, task, model_type, folder
 
 
 def _load_processor(model: nn.Module, model_type: str, folder: Path | None):

@@ -14,8 +14,8 @@ Inputs are normalised with the model's own mean/std (its ``preprocessor_config.j
 ImageNet's when it has none).
 
 :func:`resolve_model` is the one place that turns MODEL into a loadable source (it uses
-``openus_hub.auto.resolve``, which maps registry names to pinned, sha256-checked Hub snapshots and passes folders
-and Hub ids through).
+``openus_hub.pretrained.resolve``, which keeps a local folder, maps a registry name to its pinned, sha256-checked
+Hub snapshot and a Hub id to its snapshot, the HF cache first, failing in one line offline when it is not cached).
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
     if weights is not None:
         raise ModelError("--weights is for timm:NAME models only; a folder or Hub id carries its own weights")
     import openus_hub  # noqa: F401  (registers the OpenUS classes with transformers)
-    from openus_hub.auto import resolve
-    from openus_hub.pretrained import OpenUSHubError
+    from openus_hub.pretrained import OpenUSHubError, resolve
     from transformers import AutoConfig
 
     try:

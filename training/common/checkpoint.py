@@ -39,6 +39,8 @@ from typing import BinaryIO
 
 import torch
 
+from openus_hub.io.files import fsync_dir
+
 from . import faults
 
 __all__ = [
@@ -86,18 +88,6 @@ def new_run_id() -> str:
 # atomic files
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported on this platform/file system
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
@@ -118,7 +108,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -291,7 +281,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
         _write_checksum(path, old, pending=new)
         faults.point("checkpoint", stage="pending", file=path.name)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         faults.point("checkpoint", stage="replaced", file=path.name)
         _write_checksum(path, new)
         faults.point("checkpoint", stage="confirmed", file=path.name)

@@ -12,8 +12,10 @@ The check runs before anything is written, so a refused run leaves the folder as
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +24,10 @@ from pathlib import Path
 from .checkpoint import TEMP_PATTERN, atomic_write_text
 from .config import ConfigError
 
-__all__ = ["DISTILL_FILES", "DOWNSTREAM_FILES", "PRETRAIN_FILES", "QUICKSTART_FILES", "RunFiles", "keep_log_records",
-           "prepare_output_dir"]
+__all__ = ["DISTILL_FILES", "DOWNSTREAM_FILES", "PRETRAIN_FILES", "QUICKSTART_FILES", "RunFiles",
+           "add_run_arguments", "keep_log_records", "log_prepared_run", "prepare_output_dir"]
+
+logger = logging.getLogger(__name__)
 
 _CKPT = ("checkpoints/checkpoint_*.pth", "checkpoints/checkpoint_*.pth.sha256")
 
@@ -138,6 +142,34 @@ def prepare_output_dir(out_dir: str | Path, layout: RunFiles, *, resume: bool, o
         except OSError:
             pass
     return files
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, config_help: str, output_help: str, resume_help: str,
+                      job: str, override_example: str, config_required: bool = False) -> argparse.ArgumentParser:
+    """The arguments every resumable training job takes: ``--config``, ``--output-dir``, ``--resume``,
+    ``--overwrite`` and ``key=value`` overrides."""
+    parser.add_argument("--config", required=config_required, help=config_help)
+    parser.add_argument("--output-dir", required=True, help=output_help)
+    parser.add_argument("--resume", default=None, help=resume_help)
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"start afresh in a non-empty OUTPUT_DIR: delete a previous {job}'s files there "
+                             "(nothing else; refused if the folder holds other files)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value config overrides, e.g. {override_example}")
+    return parser
+
+
+def log_prepared_run(out_dir: Path, ckpt_dir: Path, removed: list[str], notes: list[str], skipped: list[str],
+                     resume_arg: str | None, resume_from) -> None:
+    """Rank 0 reports what preparing the run folder did: files ``--overwrite`` deleted, interrupted saves finished or
+    rolled back, checkpoints ``--resume auto`` skipped, and a fresh start when it found none."""
+    if removed:
+        logger.info("--overwrite: deleted %d file(s) of the previous run in %s", len(removed), out_dir)
+    for line in notes:
+        logger.info("%s: %s", ckpt_dir, line)
+    for line in skipped:
+        logger.warning("--resume auto: skipped %s", line)
+    if resume_arg == "auto" and resume_from is None:
+        logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
 
 
 def keep_log_records(path: str | Path, keep: Callable[[dict], bool]) -> int:

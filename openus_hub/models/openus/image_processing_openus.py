@@ -49,9 +49,7 @@ PIL implementation as well.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,20 +143,10 @@ class OpenUSImageProcessorPil(PilBackend):
 
     # ------------------------------------------------------------------------------------------------- inputs
     def _expand_inputs(self, images: Any, frame_stride: int, num_frames: int | None, dicom_crop: str) -> list:
-        """Flatten the input structure into a list of ``(image, bit_depth)``; DICOM files become their frames."""
-        from openus_hub.io import DicomImage, is_dicom_file, load_image_file, read_dicom, select_frames
-        from openus_hub.io.dicom import dicom_dataset, number_of_frames
-        from pydicom.dataset import Dataset
-
-        def dicom_frames(src: Any) -> list:
-            if isinstance(src, DicomImage):
-                keep = select_frames(len(src), frame_stride, num_frames)
-                src = DicomImage(src.frames[keep], [src.frame_indices[i] for i in keep], src.metadata)
-            else:
-                ds = src if isinstance(src, Dataset) else dicom_dataset(src)  # read once: frame count, then frames
-                n = number_of_frames(ds)
-                src = read_dicom(ds, frames=select_frames(n, frame_stride, num_frames), crop=dicom_crop)
-            return [(frame, src.bit_depth) for frame in src.frames]
+        """Flatten the input structure into a list of ``(image, bit_depth)``; each input is expanded by
+        :func:`openus_hub.io.inputs.expand_input` (DICOM files and datasets become their selected frames)."""
+        from openus_hub.io import DicomImage
+        from openus_hub.io.inputs import expand_input
 
         out: list = []
 
@@ -166,18 +154,12 @@ class OpenUSImageProcessorPil(PilBackend):
             if isinstance(item, (list, tuple)):
                 for sub in item:
                     visit(sub)
-            elif isinstance(item, (DicomImage, Dataset)):
-                out.extend(dicom_frames(item))
-            elif isinstance(item, (str, os.PathLike)):
-                path = Path(item)
-                if not path.is_file():
-                    raise FileNotFoundError(f"input file not found: {path} (URLs are not fetched by this processor)")
-                if is_dicom_file(path):
-                    out.extend(dicom_frames(path))
+                return
+            for it in expand_input(item, frame_stride=frame_stride, num_frames=num_frames, dicom_crop=dicom_crop):
+                if isinstance(it.image, DicomImage):  # one frame each, rescaled by its BitsStored
+                    out.extend((frame, it.image.bit_depth) for frame in it.image.frames)
                 else:
-                    out.append((load_image_file(path), None))
-            else:
-                out.append((item, None))
+                    out.append((it.image, None))
 
         visit(images)
         if not out:
