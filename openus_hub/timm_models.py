@@ -29,10 +29,10 @@ pass through ``timm.create_model`` and override the preset; anything else raises
 model. ``drop_path_rate`` defaults to 0 (timm's convention), not the preset's pretraining rate. ``device`` and
 ``dtype`` place the weights.
 
-``torch.fx``: the SS2D mixer (its scan dispatch has Python control flow on shapes and devices) is registered with
-timm as a leaf module, and the input check and the channel-last conv helper as leaf functions, the way timm registers
-its own layers that symbolic tracing cannot enter. ``torch.export`` traces the whole model. TorchScript is not
-supported (the layers are transformers modules).
+``torch.fx``: the SS2D mixer (its scan dispatch has Python control flow on shapes and devices) and the block MLP (it
+processes large inputs in chunks on a CPU) are registered with timm as leaf modules, and the input check and the
+channel-last conv helper as leaf functions, the way timm registers its own layers that symbolic tracing cannot
+enter. ``torch.export`` traces the whole model. TorchScript is not supported (the layers are transformers modules).
 
 While an entry has no published weights, ``pretrained=True`` without a ``file``, ``url`` or ``state_dict`` in
 ``pretrained_cfg_overlay`` raises :class:`~openus_hub.pretrained.UnpublishedModelError`: never random weights.
@@ -52,7 +52,13 @@ import torch
 from torch import nn
 
 from .models.openus.configuration_openus import OPENUS_PRESETS, OpenUSConfig
-from .models.openus.modeling_openus import OpenUSBackbone, OpenUSMixer, check_pixel_values, conv_channels_last
+from .models.openus.modeling_openus import (
+    OpenUSBackbone,
+    OpenUSMixer,
+    OpenUSMLP,
+    check_pixel_values,
+    conv_channels_last,
+)
 from .pretrained import WEIGHTS_NAME, UnpublishedModelError, get_pretrained, resolve
 
 __all__ = ["TIMM_NAMES", "OpenUS", "checkpoint_filter_fn", "register"]
@@ -365,8 +371,9 @@ def register() -> bool:
         logger.warning("timm is installed but could not be imported (%s: %s); the openus_* timm models are not "
                        "registered", type(err).__name__, err)
         return False
-    # what torch.fx cannot trace through: the scan dispatch, and two helpers that branch on tensor shapes
+    # what torch.fx cannot trace through: the scan dispatch, the MLP's chunking, two helpers that branch on shapes
     register_notrace_module(OpenUSMixer)
+    register_notrace_module(OpenUSMLP)  # chunks large inputs by their number of positions on a CPU
     register_notrace_function(check_pixel_values)
     register_notrace_function(conv_channels_last)
     default_cfgs = generate_default_cfgs({name: _cfg(name) for name in TIMM_NAMES})

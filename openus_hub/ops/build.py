@@ -47,7 +47,7 @@ SOURCE_FILE = "ss2d_scan_cpu.cpp"
 LIBRARY_FILE = "libopenus_ss2d_scan_cpu" + (".dll" if os.name == "nt" else ".so")
 BUILD_TIMEOUT_S = 600
 # The C functions' signatures; the library reports its own (openus_ss2d_abi_version) and a mismatch is refused.
-ABI_VERSION = 1
+ABI_VERSION = 2
 # Set in copies written by vendor_ops() (remote-code folders, which carry no C++ source); None in the package.
 _VENDORED_SOURCE_SHA256: str | None = None
 

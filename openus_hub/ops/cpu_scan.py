@@ -6,13 +6,15 @@ recurrence and its backward are written out in the C++ file). :mod:`.build` comp
 shared cache; here it is loaded with ctypes and wrapped in ``torch.library.custom_op`` (with fake tensors for
 shapes), so autograd and ``torch.compile`` treat it as an ordinary operator. Nothing is loaded or compiled at import.
 
-Layouts (float32, contiguous; ``p = h * W + w`` is the row-major position, ``K = 4`` directions, ``N = d_state``):
+Layouts (float32, contiguous; ``p = h * W + w`` is the row-major position, ``K = 4`` directions, ``N = d_state``,
+``R`` the step-size rank, ``C = R + 2N``):
 
 * ``u``      ``(B, L, D)``        the scanned input, shared by the four directions
-* ``dt``     ``(K, B*L, Dp)``     step sizes before bias and softplus, channels zero-padded to ``Dp``, a multiple of
-  :data:`CHANNEL_BLOCK`: ``delta = softplus(dt + bias)``
-* ``bias``   ``(K, D)``;  ``bc`` ``(B, L, K, 2N)``: per-direction B (first N) and C (last N)
-* ``A``      ``(K, D, N)``;  ``Dskip`` ``(K, D)``
+* ``xdbl``   ``(B, L, K, C)``     the x_proj product ``u @ x_proj_weight^T`` as computed, per position and direction:
+  R step-size features, then B (N), then C (N)
+* ``w``      ``(K, D, R)``        ``dt_proj_weight``; the step sizes ``delta = softplus(w xdbl[..., :R] + bias)`` are
+  formed inside the kernel
+* ``bias``   ``(K, D)``;  ``A`` ``(K, D, N)``;  ``Dskip`` ``(K, D)``
 * returns ``y`` ``(B, L, D)`` = sum over directions of that direction's scan output, at row-major positions.
 
 This equals ``cross_merge(selective_scan_reference(cross_scan(u), ...))`` (see ``ss2d.py``), which the tests check
@@ -59,8 +61,8 @@ def _load() -> ctypes.CDLL | None:
             _failed = str(err)
             return None
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.openus_ss2d_scan_fwd.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_int]
-        lib.openus_ss2d_scan_bwd.argtypes = [ptr] * 12 + [i64] * 5 + [ctypes.c_int]
+        lib.openus_ss2d_scan_fwd.argtypes = [ptr] * 7 + [i64] * 6 + [ctypes.c_int]
+        lib.openus_ss2d_scan_bwd.argtypes = [ptr] * 13 + [i64] * 6 + [ctypes.c_int]
         lib.openus_ss2d_scan_fwd.restype = lib.openus_ss2d_scan_bwd.restype = ctypes.c_int
         _lib = lib
         return _lib
@@ -77,25 +79,25 @@ def unavailable_reason() -> str | None:
     return _failed
 
 
-def _sizes(u, dt, bias, bc, A, Dskip, height, width) -> tuple[int, int, int, int, int, int]:
-    """Validate the layouts (the C code trusts them); returns ``(B, H, W, D, N, Dp)``."""
-    tensors = {"u": u, "dt": dt, "bias": bias, "bc": bc, "A": A, "Dskip": Dskip}
+def _sizes(u, xdbl, w, bias, A, Dskip, height, width) -> tuple[int, int, int, int, int, int, int]:
+    """Validate the layouts (the C code trusts them); returns ``(B, H, W, D, R, N, Dp)``."""
+    tensors = {"u": u, "xdbl": xdbl, "w": w, "bias": bias, "A": A, "Dskip": Dskip}
     for name, t in tensors.items():
         if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"fused scan: {name} must be a contiguous float32 CPU tensor")
-    if u.dim() != 3:
-        raise ValueError(f"fused scan: u must be (B, L, D), got {tuple(u.shape)}")
+    if u.dim() != 3 or w.dim() != 3 or A.dim() != 3:
+        raise ValueError(f"fused scan: u, w and A must be 3-d, got {tuple(u.shape)}, {tuple(w.shape)}, {tuple(A.shape)}")
     batch, length, channels = u.shape
-    state = A.shape[-1] if A.dim() == 3 else 0
+    rank, state = w.shape[2], A.shape[-1]
     padded = -(-channels // CHANNEL_BLOCK) * CHANNEL_BLOCK
-    expected = {"dt": (4, batch * length, padded), "bias": (4, channels), "bc": (batch, length, 4, 2 * state),
+    expected = {"xdbl": (batch, length, 4, rank + 2 * state), "w": (4, channels, rank), "bias": (4, channels),
                 "A": (4, channels, state), "Dskip": (4, channels)}
-    if length != height * width or height < 1 or width < 1 or state < 1:
+    if length != height * width or height < 1 or width < 1 or state < 1 or rank < 1:
         raise ValueError(f"fused scan: u has L = {length} positions, not height * width = {height} * {width}")
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"fused scan: {name} must have shape {shape}, got {tuple(tensors[name].shape)}")
-    return batch, height, width, channels, state, padded
+    return batch, height, width, channels, rank, state, padded
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
@@ -119,47 +121,56 @@ def _require() -> ctypes.CDLL:
 def _define_ops():
     try:
         @torch.library.custom_op("openus_hub::ss2d_scan_fwd", mutates_args=(), device_types="cpu")
-        def scan_fwd(u: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor, bc: torch.Tensor, A: torch.Tensor,
+        def scan_fwd(u: torch.Tensor, xdbl: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, A: torch.Tensor,
                      Dskip: torch.Tensor, height: int, width: int) -> torch.Tensor:
-            batch, h, w, channels, state, _ = _sizes(u, dt, bias, bc, A, Dskip, height, width)
+            batch, h, wd, channels, rank, state, _ = _sizes(u, xdbl, w, bias, A, Dskip, height, width)
             y = torch.empty_like(u)
             rc = _require().openus_ss2d_scan_fwd(
-                _ptr(u), _ptr(dt), _ptr(bias), _ptr(bc), _ptr(A), _ptr(Dskip), _ptr(y),
-                batch, h, w, channels, state, torch.get_num_threads(),
+                _ptr(u), _ptr(xdbl), _ptr(w), _ptr(bias), _ptr(A), _ptr(Dskip), _ptr(y),
+                batch, h, wd, channels, rank, state, torch.get_num_threads(),
             )
             _check(rc, "forward")
             return y
 
         @torch.library.custom_op("openus_hub::ss2d_scan_bwd", mutates_args=(), device_types="cpu")
-        def scan_bwd(gy: torch.Tensor, u: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor, bc: torch.Tensor,
+        def scan_bwd(gy: torch.Tensor, u: torch.Tensor, xdbl: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
                      A: torch.Tensor, Dskip: torch.Tensor, height: int, width: int) -> list[torch.Tensor]:
-            batch, h, w, channels, state, padded = _sizes(u, dt, bias, bc, A, Dskip, height, width)
+            batch, h, wd, channels, rank, state, padded = _sizes(u, xdbl, w, bias, A, Dskip, height, width)
             if gy.shape != u.shape or gy.dtype != torch.float32 or not gy.is_contiguous():
                 raise ValueError("fused scan: the output gradient must be a contiguous float32 tensor shaped like u")
-            nblk = padded // CHANNEL_BLOCK
-            gu, gdt = torch.empty_like(u), torch.empty_like(dt)
-            # per-task partial sums (channel blocks for B/C, images for A/Dskip), reduced here in a fixed order
-            gbc = torch.empty((nblk,) + tuple(bc.shape), dtype=torch.float32)
+            nblk, length = padded // CHANNEL_BLOCK, h * wd
+            gu = torch.empty_like(u)
+            gdt = torch.empty((4, batch * length, padded), dtype=torch.float32)  # dLoss/d(w xdbl[..., :R])
+            # per-task partial sums (channel blocks for B/C, images for bias/A/Dskip), reduced here in a fixed order
+            gbc = torch.empty((nblk, batch, length, 4, 2 * state), dtype=torch.float32)
+            gbias = torch.empty((batch,) + tuple(bias.shape), dtype=torch.float32)
             gA = torch.empty((batch,) + tuple(A.shape), dtype=torch.float32)
             gD = torch.empty((batch,) + tuple(Dskip.shape), dtype=torch.float32)
             rc = _require().openus_ss2d_scan_bwd(
-                _ptr(gy), _ptr(u), _ptr(dt), _ptr(bias), _ptr(bc), _ptr(A), _ptr(Dskip),
-                _ptr(gu), _ptr(gdt), _ptr(gbc), _ptr(gA), _ptr(gD),
-                batch, h, w, channels, state, torch.get_num_threads(),
+                _ptr(gy), _ptr(u), _ptr(xdbl), _ptr(w), _ptr(bias), _ptr(A), _ptr(Dskip),
+                _ptr(gu), _ptr(gdt), _ptr(gbc), _ptr(gbias), _ptr(gA), _ptr(gD),
+                batch, h, wd, channels, rank, state, torch.get_num_threads(),
             )
             _check(rc, "backward")
-            gbias = gdt.sum(1)[:, :channels].contiguous()
-            return [gu, gdt, gbias, gbc.sum(0), gA.sum(0), gD.sum(0)]
+            # dt = w x_dt per direction: the gradients of x_dt and w are products with gdt
+            gdt = gdt[:, :, :channels]  # [K, B*L, D]
+            x_dt = xdbl.view(batch * length, 4, -1)[:, :, :rank].transpose(0, 1)  # [K, B*L, R]
+            gxdbl = torch.empty_like(xdbl)
+            gxdbl[..., :rank] = torch.bmm(gdt, w).transpose(0, 1).view(batch, length, 4, rank)
+            gxdbl[..., rank:] = gbc.sum(0)
+            # as x_dt^T gdt: BLAS runs this orientation several times faster than gdt^T x_dt (long reduction axis)
+            gw = torch.bmm(x_dt.transpose(1, 2), gdt).transpose(1, 2).contiguous()  # [K, D, R]
+            return [gu, gxdbl, gw, gbias.sum(0), gA.sum(0), gD.sum(0)]
     except RuntimeError:  # already defined in this process (e.g. by a remote-code copy of this file)
         return torch.ops.openus_hub.ss2d_scan_fwd, torch.ops.openus_hub.ss2d_scan_bwd
 
     @scan_fwd.register_fake
-    def _(u, dt, bias, bc, A, Dskip, height, width):
+    def _(u, xdbl, w, bias, A, Dskip, height, width):
         return torch.empty_like(u)
 
     @scan_bwd.register_fake
-    def _(gy, u, dt, bias, bc, A, Dskip, height, width):
-        return [torch.empty_like(u), torch.empty_like(dt), torch.empty_like(bias), torch.empty_like(bc),
+    def _(gy, u, xdbl, w, bias, A, Dskip, height, width):
+        return [torch.empty_like(u), torch.empty_like(xdbl), torch.empty_like(w), torch.empty_like(bias),
                 torch.empty_like(A), torch.empty_like(Dskip)]
 
     def setup_context(ctx, inputs, output):
@@ -179,15 +190,19 @@ _scan_fwd_op, _scan_bwd_op = _define_ops()
 
 def fused_cross_scan_cpu(
     u: torch.Tensor,
-    dt: torch.Tensor,
+    xdbl: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
     bias: torch.Tensor,
-    bc: torch.Tensor,
     A: torch.Tensor,
     Dskip: torch.Tensor,
     height: int,
     width: int,
 ) -> torch.Tensor:
-    """Four-direction selective scan summed over directions; layouts in the module docstring. Differentiable."""
+    """Four-direction selective scan summed over directions. Differentiable.
+
+    ``u (B, L, D)``, ``xdbl (B, L, K, R + 2N)``, ``dt_proj_weight (K, D, R)``, ``bias (K, D)``, ``A (K, D, N)``,
+    ``Dskip (K, D)``; returns ``y (B, L, D)`` float32 (module docstring).
+    """
     _require()
-    tensors = [t.float().contiguous() for t in (u, dt, bias, bc, A, Dskip)]
+    tensors = [t.float().contiguous() for t in (u, xdbl, dt_proj_weight, bias, A, Dskip)]
     return _scan_fwd_op(*tensors, height, width)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked_scan import cross_selective_scan_chunked
-from .cpu_scan import CHANNEL_BLOCK, DISABLE_ENV, fused_cross_scan_cpu, unavailable_reason
+from .cpu_scan import DISABLE_ENV, fused_cross_scan_cpu, unavailable_reason
 from .cpu_scan import is_available as cpu_kernel_available
 from .cross_scan import cross_merge, cross_scan
 from .selective_scan import selective_scan_reference
@@ -140,8 +140,8 @@ def _run_chunked(u, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D):
 
 
 def _fused_inputs(u, x_proj_weight, dt_proj_weight, A, D, pad_to: int):
-    """Inputs of the fused kernels (layouts in :mod:`.cpu_scan`): u (B, L, D), dt (K, B*L, Dp) with the channels
-    zero-padded to a multiple of ``pad_to``, bc (B, L, K, 2N), A (K, D, N), Dskip (K, D)."""
+    """Inputs of the fused Triton kernel (layouts in :mod:`.triton_scan`): u (B, L, D), dt (K, B*L, Dp) with the
+    channels zero-padded to a multiple of ``pad_to``, bc (B, L, K, 2N), A (K, D, N), Dskip (K, D)."""
     batch, height, width, channels = u.shape
     k, rank = x_proj_weight.shape[0], dt_proj_weight.shape[-1]
     length = height * width
@@ -156,8 +156,11 @@ def _fused_inputs(u, x_proj_weight, dt_proj_weight, A, D, pad_to: int):
 
 def _run_cpu_kernel(u, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D):
     batch, height, width, channels = u.shape
-    flat, dt, bc, A, Dskip = _fused_inputs(u, x_proj_weight, dt_proj_weight, A, D, CHANNEL_BLOCK)
-    y = fused_cross_scan_cpu(flat, dt, dt_proj_bias, bc, A, Dskip, height, width)
+    k = x_proj_weight.shape[0]
+    flat = u.reshape(batch, height * width, channels)  # [B, L, D]
+    xdbl = (flat @ x_proj_weight.reshape(-1, channels).t()).view(batch, height * width, k, -1)  # [B, L, K, R+2N]
+    y = fused_cross_scan_cpu(flat, xdbl, dt_proj_weight, dt_proj_bias, A.view(k, channels, -1), D.view(k, channels),
+                             height, width)
     return y.view(batch, height, width, channels)
 
 
