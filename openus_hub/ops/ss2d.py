@@ -14,7 +14,8 @@ Implementations, by name (:data:`SCAN_IMPLEMENTATIONS`):
   ``TRITON_INTERPRET=1``, which the tests use).
 * ``"mamba_ssm"``: mamba-ssm's CUDA ``selective_scan_fn`` (CUDA tensors, optional ``[cuda]`` extra).
 * ``"auto"``: the first available of :data:`AUTO_ORDER` for the tensors' device: on CUDA mamba_ssm, triton, chunked,
-  reference; on CPU cpu_kernel, reference (on a CPU the chunked scan is no faster than the reference). Whenever that is not the first choice, one warning says what was skipped and the fix.
+  reference; on CPU cpu_kernel, reference (on a CPU the chunked scan is no faster than the reference). Whenever
+  that is not the first choice, one warning says what was skipped and the fix.
 
 Adding an implementation is one entry in ``_IMPLEMENTATIONS`` (a function that says why it cannot run on a device,
 or None, and the function that runs it) and, if ``auto`` should use it, a place in :data:`AUTO_ORDER`.
