@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from openus_hub import OpenUSConfig, OpenUSModel
-from openus_hub.ops import cross_selective_scan, mamba_ssm_available, triton_scan
+from openus_hub.ops import mamba_ssm_available, triton_scan
 from openus_hub.ops.ss2d import _fused_inputs
 from tests._scan_utils import assert_matches_reference, forward_and_grads, relative_error, scan_inputs
 from tests.conftest import skip_or_fail

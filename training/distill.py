@@ -41,11 +41,11 @@ from training.common.checkpoint import (CheckpointError, atomic_write_text, fini
                                         load_optimizer_state_strict, load_state_dict_strict, new_run_id,
                                         save_checkpoint, select_checkpoint)
 from training.common.config import ConfigError, dump_config, load_config
-from training.common.distributed import (all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed,
+from training.common.distributed import (all_gather_object, all_reduce_sum, barrier, init_distributed,
                                          on_rank0)
-from training.common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from training.common.errors import NonFiniteLossError, run_job
 from training.common.output_dir import DISTILL_FILES, add_run_arguments, log_prepared_run, prepare_output_dir
-from training.common.progress import finish, progress_bar, redirect_logging
+from training.common.progress import finish, progress_bar
 from training.common.rng import rng_state, seed_everything, set_rng_state
 from training.common.run_info import run_metadata
 from training.kd.data import (
@@ -311,18 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group starts in run()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=LOG_FORMAT)
-    try:
-        with redirect_logging():
-            run(args)
-    except NonFiniteLossError as err:
-        logger.error("%s", err)
-        return EXIT_NON_FINITE
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        cleanup()
-    return 0
+
+    def job() -> int:
+        run(args)  # returns the run state, for callers in Python
+        return 0
+
+    return run_job(job, logger)
 
 
 def run(args: argparse.Namespace | list[str]) -> dict:

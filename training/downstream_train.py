@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from .common.checkpoint import (CheckpointError, atomic_write_text, checkpoint_p
                                 list_checkpoints, load_checkpoint, load_optimizer_state_strict, load_state_dict_strict,
                                 new_run_id, prune_checkpoints, save_checkpoint, select_checkpoint)
 from .common.config import ConfigError, dump_config
-from .common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from .common.errors import NonFiniteLossError, run_job
 from .common.output_dir import (
     DOWNSTREAM_FILES,
     add_run_arguments,
@@ -50,7 +49,7 @@ from .common.output_dir import (
     log_prepared_run,
     prepare_output_dir,
 )
-from .common.progress import finish, progress_bar, redirect_logging
+from .common.progress import finish, progress_bar
 from .common.rng import seed_everything, step_seed
 from .common.run_info import git_sha, portable_path, run_metadata
 from .data.downstream import DownstreamDataset, build_samples, subsample
@@ -534,15 +533,9 @@ def train(task: str, args: argparse.Namespace) -> dict:
 def main(task: str, argv: list[str] | None, description: str) -> int:
     args = get_args_parser(description).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        with redirect_logging():
-            train(task, args)
-    except NonFiniteLossError as err:
-        logger.error("%s", err)
-        return EXIT_NON_FINITE
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        du.cleanup()
-    return 0
+
+    def job() -> int:
+        train(task, args)  # returns the results, for callers in Python
+        return 0
+
+    return run_job(job, logger)

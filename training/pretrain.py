@@ -62,7 +62,7 @@ from .common.checkpoint import (CheckpointError, checkpoint_path, finish_interru
                                 load_checkpoint, load_optimizer_state_strict, load_state_dict_strict, new_run_id,
                                 prune_checkpoints, save_checkpoint, select_checkpoint, tensor_like)
 from .common.config import ConfigError, dump_config, load_config
-from .common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteLossError
+from .common.errors import EXIT_USAGE, NonFiniteLossError, run_job
 from .common.output_dir import (
     PRETRAIN_FILES,
     add_run_arguments,
@@ -70,7 +70,7 @@ from .common.output_dir import (
     log_prepared_run,
     prepare_output_dir,
 )
-from .common.progress import finish, progress_bar, redirect_logging
+from .common.progress import finish, progress_bar
 from .common.rng import seed_everything, step_seed
 from .common.run_info import run_metadata
 from .common.schedulers import cosine_scheduler
@@ -310,17 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = du.init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
-    try:
-        with redirect_logging():
-            return train(cfg, args, rank, world, device)
-    except NonFiniteLossError as err:
-        logger.error("%s", err)
-        return EXIT_NON_FINITE
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        du.cleanup()
+    return run_job(lambda: train(cfg, args, rank, world, device), logger)
 
 
 def train(cfg: dict, args, rank: int, world: int, device: torch.device) -> int:

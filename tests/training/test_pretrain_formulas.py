@@ -7,7 +7,6 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from openus_hub import OpenUSConfig
 from training.data.augmentations import MultiCropAugmentation

@@ -38,6 +38,7 @@ import torch
 from ..common.checkpoint import atomic_write, atomic_write_text
 from ..common.config import ConfigError, load_config
 from ..common.progress import finish, redirect_logging
+from ..common.rng import seed_everything
 from ..common.run_info import git_sha, run_metadata
 from ..data.ultrabench import SPLITS, TaskData, UltraBenchDataset, UltraBenchError, find_tasks, load_task, \
     subsample_records
@@ -258,6 +259,7 @@ class TaskRunner:
                     runs[seed] = done
                     continue
                 train = subsample_records(data.splits["train"], self.args.label_fraction, seed, False)
+                seed_everything(seed)  # the new head's initial weights: the same for a seed in every run
                 segmenter = build_segmenter(self.source, list(spec.classes), protocol == "seg-frozen",
                                               cfg["head_width"])
                 result = train_segmentation(
