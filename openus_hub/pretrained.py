@@ -325,16 +325,20 @@ def hub_offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes (symlinks followed); cached per (real path, size, mtime)."""
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, *, cached: bool = True) -> str:
+    """sha256 of a file's bytes (symlinks followed); cached per (real path, size, mtime). ``cached=False`` reads the
+    file afresh, as an integrity check must: a file damaged in place (a flipped bit, bytes written without changing
+    its size or time) would otherwise be vouched for from the cache."""
     real = os.path.realpath(path)
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
+    if not cached or key not in _HASHES:
         h = hashlib.sha256()
         with open(real, "rb") as f:
             for block in iter(lambda: f.read(chunk), b""):
                 h.update(block)
+        if not cached:
+            return h.hexdigest()
         _HASHES[key] = h.hexdigest()
     return _HASHES[key]
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from training.common import faults
 from training.common.checkpoint import (CheckpointError, atomic_write_text, finish_interrupted_saves, load_checkpoint,
                                         load_optimizer_state_strict, load_state_dict_strict, new_run_id,
-                                        save_checkpoint, select_checkpoint)
+                                        require_parts, save_checkpoint, select_checkpoint)
 from training.common.config import ConfigError, dump_config, load_config
 from training.common.distributed import (all_gather_object, all_reduce_sum, barrier, init_distributed,
                                          on_rank0)
@@ -272,9 +272,7 @@ def check_state(ckpt: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} is not a checkpoint of training.distill (format "
                               f"{ckpt.get('format')!r}); pass OUTPUT_DIR/checkpoints/last.pt or best.pt of a "
                               "distillation run")
-    missing = [k for k in REQUIRED if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; resume from another checkpoint")
+    require_parts(ckpt, REQUIRED, path)
 
 
 def restore(ckpt: dict, path: Path, distiller: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:
@@ -301,8 +299,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_run_arguments(
         parser, config_help="YAML file (training/configs/distill/*.yaml)", config_required=True,
         output_help="run folder (config, checkpoints, summary, figures)",
-        resume_help="'auto': OUTPUT_DIR/checkpoints/last.pt, or best.pt when last.pt does not verify against its sha256 "
-                    "or load (none there: start afresh); or a checkpoint path",
+        resume_help="'auto': OUTPUT_DIR/checkpoints/last.pt, or best.pt when last.pt does not verify against its "
+                    "sha256 or load (none there: start afresh); or a checkpoint path",
         job="distillation run", override_example="train.max_steps=4")
 
 

@@ -66,8 +66,6 @@ def get_args_parser(description: str) -> argparse.ArgumentParser:
     return add_run_arguments(
         p, config_help="YAML file (training/configs/downstream/*.yaml); unset keys keep the defaults",
         output_help="run folder (config, log, checkpoints, results, model/)",
-        resume_help="'auto': the newest checkpoint in OUTPUT_DIR/checkpoints that verifies against its sha256 and loads "
-                    "(none there: start afresh); or a checkpoint path",
         job="run", override_example="train.max_steps=2")
 
 

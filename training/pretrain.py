@@ -60,7 +60,7 @@ from .common import distributed as du
 from .common import faults
 from .common.checkpoint import (CheckpointError, checkpoint_path, finish_interrupted_saves, list_checkpoints,
                                 load_checkpoint, load_optimizer_state_strict, load_state_dict_strict, new_run_id,
-                                prune_checkpoints, save_checkpoint, select_checkpoint, tensor_like)
+                                prune_checkpoints, require_parts, save_checkpoint, select_checkpoint, tensor_like)
 from .common.config import ConfigError, dump_config, load_config
 from .common.errors import EXIT_USAGE, NonFiniteLossError, run_job
 from .common.output_dir import (
@@ -124,8 +124,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_run_arguments(
         p, config_help="YAML file (training/configs/*.yaml); unset keys keep the defaults",
         output_help="run folder (config, log, checkpoints, figures)",
-        resume_help="'auto': the newest checkpoint in OUTPUT_DIR/checkpoints that verifies against its sha256 and loads "
-                    "(none there: start afresh); or a checkpoint path",
         job="pretraining run", override_example="train.max_steps=2")
 
 
@@ -230,9 +228,7 @@ def check_state(state: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} is not a checkpoint of training.pretrain (format "
                               f"{state.get('format')!r}, expected {FORMAT!r}); pass OUTPUT_DIR/checkpoints/"
                               "checkpoint_*.pth of a pretraining run (upstream checkpoints go in model.init_from)")
-    missing = [k for k in REQUIRED if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; resume from another checkpoint")
+    require_parts(state, REQUIRED, path)
 
 
 def restore(state: dict, path: Path, student, teacher, optimizer, ibot_loss, rank: int, world: int,

@@ -9,12 +9,13 @@ __all__ = ["fsync_dir", "pid_alive"]
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (one we may not signal counts as alive)."""
+    """Whether process ``pid`` exists on this machine (one we may not signal, or cannot ask about, counts as alive:
+    its files are left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:  # PermissionError: it exists, owned by someone else
         return True
     return True
 

@@ -3,7 +3,6 @@ it, called like the PyTorch model (same output classes, so the same post-process
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -103,11 +102,9 @@ class ORTModel:
 
     def fingerprint(self) -> str:
         """sha256 (first 16 hex digits) of the .onnx file: identifies the weights and the graph."""
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()[:16]
+        from ..pretrained import sha256_file
+
+        return sha256_file(self.path)[:16]
 
     def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs by name for a float32 ``(B, 3, H, W)`` array."""

@@ -21,7 +21,6 @@ Hub snapshot and a Hub id to its snapshot, the HF cache first, failing in one li
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -81,16 +80,10 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
     return ModelSource(spec, "openus" if config.model_type == "openus" else "transformers", path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def describe_source(source: ModelSource) -> dict:
     """What identifies the weights: kind, name (no local path) and the sha256 of the weight file(s)."""
+    from openus_hub.pretrained import sha256_file
+
     files: list[Path] = []
     if source.kind == "timm":
         files = [Path(source.weights)]
@@ -100,7 +93,7 @@ def describe_source(source: ModelSource) -> dict:
         files += [folder / "config.json"] if (folder / "config.json").is_file() else []
     name = source.spec if source.kind == "timm" or not Path(source.spec).exists() else Path(source.spec).resolve().name
     return {"name": name, "kind": source.kind,
-            "files": {p.name: _sha256(p) for p in files}}
+            "files": {p.name: sha256_file(p) for p in files}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

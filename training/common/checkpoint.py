@@ -39,7 +39,8 @@ from typing import BinaryIO
 
 import torch
 
-from openus_hub.io.files import fsync_dir
+from openus_hub.io.files import fsync_dir, pid_alive
+from openus_hub.pretrained import sha256_file
 
 from . import faults
 
@@ -62,6 +63,7 @@ __all__ = [
     "prune_checkpoints",
     "read_checksum",
     "save_checkpoint",
+    "require_parts",
     "select_checkpoint",
     "tensor_like",
     "verify_checkpoint",
@@ -203,16 +205,6 @@ def _write_checksum(path: Path, confirmed: Checksum | None, pending: Checksum | 
     atomic_write_text(checksum_path(path), "\n".join(lines) + "\n")
 
 
-def _sha256_now(path: Path, chunk: int = 1 << 20) -> str:
-    # Read afresh: openus_hub.auto.sha256_file caches by (path, size, mtime), and a file damaged in place (a flipped
-    # bit, bytes written without changing its size or time) must not be vouched for from that cache.
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_checkpoint(path: str | Path) -> Checksum:
     """Check ``path`` against its checksum file; returns the record it matches. Raises a one-line
     :class:`CheckpointError` (missing file or checksum, size or sha256 mismatch)."""
@@ -226,7 +218,7 @@ def verify_checkpoint(path: str | Path) -> Checksum:
     if None not in sizes and size not in sizes:
         raise CheckpointError(f"checkpoint {path} is {size} bytes but {checksum_path(path).name} records "
                               f"{' or '.join(map(str, sizes))} (truncated or overwritten); {USE_ANOTHER}")
-    digest = _sha256_now(path)
+    digest = sha256_file(path, cached=False)  # afresh: a file damaged in place must not be vouched for from a cache
     for c in candidates:
         if c.sha256 == digest:
             return c
@@ -328,6 +320,13 @@ def _first_non_finite(obj, where: str = "") -> str | None:
         if found:
             return found
     return None
+
+
+def require_parts(state: dict, required: Iterable[str], path: str | Path) -> None:
+    """One-line :class:`CheckpointError` when a loaded checkpoint lacks a part a resume needs."""
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; resume from another checkpoint")
 
 
 def select_checkpoint(resume: str | os.PathLike | None, candidates: Iterable[Path],
@@ -439,15 +438,8 @@ def tensor_like(value, like: torch.Tensor, path: str | Path, what: str) -> torch
 
 
 def _pid_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers cannot be in progress: nothing is being written while this runs
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
+    # our own leftovers cannot be in progress: nothing is being written while this runs
+    return pid != os.getpid() and pid_alive(pid)
 
 
 def finish_interrupted_saves(folder: str | Path) -> list[str]:
@@ -476,7 +468,7 @@ def finish_interrupted_saves(folder: str | Path) -> list[str]:
             continue
         if records.pending is None:
             continue
-        digest = _sha256_now(target)
+        digest = sha256_file(target, cached=False)
         if digest == records.pending.sha256:
             _write_checksum(target, records.pending)
             done.append(f"confirmed the sha256 of {target.name} (its save was interrupted after the file was "

@@ -144,10 +144,15 @@ def prepare_output_dir(out_dir: str | Path, layout: RunFiles, *, resume: bool, o
     return files
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, config_help: str, output_help: str, resume_help: str,
-                      job: str, override_example: str, config_required: bool = False) -> argparse.ArgumentParser:
-    """The arguments every resumable training job takes: ``--config``, ``--output-dir``, ``--resume``,
-    ``--overwrite`` and ``key=value`` overrides."""
+RESUME_NEWEST_HELP = ("'auto': the newest checkpoint in OUTPUT_DIR/checkpoints that verifies against its sha256 and "
+                      "loads (none there: start afresh); or a checkpoint path")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, config_help: str, output_help: str, job: str,
+                      override_example: str, resume_help: str = RESUME_NEWEST_HELP,
+                      config_required: bool = False) -> argparse.ArgumentParser:
+    """The arguments every resumable training job takes: ``--config``, ``--output-dir``, ``--resume`` (by default
+    the newest checkpoint that verifies), ``--overwrite`` and ``key=value`` overrides."""
     parser.add_argument("--config", required=config_required, help=config_help)
     parser.add_argument("--output-dir", required=True, help=output_help)
     parser.add_argument("--resume", default=None, help=resume_help)
