@@ -140,3 +140,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+TINY_OPENUS_SIZE = {"height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_openus(tmp_path_factory):
+    """A tiny random OpenUSModel (seeded) saved with an image processor at ``TINY_OPENUS_SIZE``: ``(model, folder)``."""
+    from openus_hub import OpenUSConfig, OpenUSImageProcessor, OpenUSModel
+
+    torch.manual_seed(0)
+    model = OpenUSModel(OpenUSConfig(embed_dim=8, depths=[1, 1, 1, 2], drop_path_rate=0.0)).eval()
+    folder = tmp_path_factory.mktemp("tiny_openus")
+    model.save_pretrained(folder)
+    OpenUSImageProcessor(size=TINY_OPENUS_SIZE).save_pretrained(folder)
+    return model, folder

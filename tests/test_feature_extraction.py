@@ -7,20 +7,11 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from openus_hub import OpenUSConfig, OpenUSForImageClassification, OpenUSImageProcessor, OpenUSModel, extract_features
+from openus_hub import OpenUSForImageClassification, OpenUSImageProcessor, extract_features
+from tests.conftest import TINY_OPENUS_SIZE
 
 pytestmark = pytest.mark.filterwarnings("ignore::openus_hub.io.BurnedInAnnotationWarning")
-SIZE = {"height": 64, "width": 64}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    model = OpenUSModel(OpenUSConfig(embed_dim=8, depths=[1, 1, 1, 2], drop_path_rate=0.0)).eval()
-    folder = tmp_path_factory.mktemp("tiny_openus")
-    model.save_pretrained(folder)
-    OpenUSImageProcessor(size=SIZE).save_pretrained(folder)
-    return model, folder
+SIZE = TINY_OPENUS_SIZE  # the processor saved with the tiny_openus fixture
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +19,8 @@ def still():
     return Image.fromarray(pydicom.examples.rgb_color.pixel_array)
 
 
-def test_pipeline_by_path_and_by_object(tiny, still):
-    model, folder = tiny
+def test_pipeline_by_path_and_by_object(tiny_openus, still):
+    model, folder = tiny_openus
     proc = OpenUSImageProcessor(size=SIZE)
     with torch.no_grad():
         ref = model(**proc(still, return_tensors="pt"))
@@ -43,8 +34,8 @@ def test_pipeline_by_path_and_by_object(tiny, still):
     assert np.allclose(np.asarray(by_object(still, pool=True)), pooled, atol=1e-6)
 
 
-def test_extract_features_images_and_cine(tiny, still):
-    model, folder = tiny
+def test_extract_features_images_and_cine(tiny_openus, still):
+    model, folder = tiny_openus
     cine = pydicom.examples.get_path("ybr_color")
     gray16 = (np.asarray(still.convert("L")).astype(np.uint16) * 257)
     out = extract_features(model, [still, cine, gray16], OpenUSImageProcessor(size=SIZE), batch_size=3, num_frames=4)
@@ -64,8 +55,8 @@ def test_extract_features_images_and_cine(tiny, still):
     assert not torch.allclose(out.pooled[-1], gray8 * 0 + out.pooled[0], atol=2e-2)  # and differs from the RGB still
 
 
-def test_extract_features_from_folder_and_head_model(tiny, still):
-    model, folder = tiny
+def test_extract_features_from_folder_and_head_model(tiny_openus, still):
+    model, folder = tiny_openus
     by_folder = extract_features(str(folder), [still], return_stage_maps=False)  # uses the saved processor (64 px)
     assert by_folder.stage_maps is None and by_folder.pooled.shape == (1, 64)
     direct = extract_features(model, [still], OpenUSImageProcessor(size=SIZE)).pooled

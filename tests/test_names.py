@@ -20,26 +20,16 @@ from PIL import Image
 
 import openus_hub
 from openus_hub import OpenUSConfig, OpenUSImageProcessor, OpenUSModel, extract_features
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY_OPENUS_SIZE
 
 pytestmark = pytest.mark.filterwarnings("ignore::openus_hub.io.BurnedInAnnotationWarning")
-SIZE = {"height": 64, "width": 64}
+SIZE = TINY_OPENUS_SIZE  # the processor saved with the tiny_openus fixture
 CINE = pydicom.examples.get_path("ybr_color")  # a 30-frame echo cine
 STILL_DCM = pydicom.examples.get_path("rgb_color")  # one RGB frame
 MISSING_HUB_ID = "no-such-org-openus/no-such-model"
 # the command's own time, after the interpreter has started and imported openus_hub (several seconds on a busy
 # 2-core machine: torch, transformers); what the issue measured as 50 s of retries
 FAST_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    model = OpenUSModel(OpenUSConfig(embed_dim=8, depths=[1, 1, 1, 2], drop_path_rate=0.0)).eval()
-    folder = tmp_path_factory.mktemp("tiny_openus")
-    model.save_pretrained(folder)
-    OpenUSImageProcessor(size=SIZE).save_pretrained(folder)
-    return model, folder
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +209,10 @@ def _reference(model, images, **processor_kwargs):
 
 
 @pytest.mark.parametrize("factory", ["openus_hub", "transformers"])
-def test_pipeline_reads_dicom_paths_datasets_and_cine_loops(tiny, png, factory):
+def test_pipeline_reads_dicom_paths_datasets_and_cine_loops(tiny_openus, png, factory):
     from transformers import pipeline as hf_pipeline
 
-    model, folder = tiny
+    model, folder = tiny_openus
     make = openus_hub.pipeline if factory == "openus_hub" else hf_pipeline
     pipe = make("image-feature-extraction", model=str(folder))
     with warnings.catch_warnings():
@@ -265,8 +255,8 @@ def test_pipeline_leaves_other_models_to_transformers(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ reprs, stages
-def test_feature_items_have_short_reprs(tiny):
-    model, _ = tiny
+def test_feature_items_have_short_reprs(tiny_openus):
+    model, _ = tiny_openus
     out = extract_features(model, [CINE, np.zeros((300, 400), np.uint8)], OpenUSImageProcessor(size=SIZE),
                            num_frames=3)
     texts = [repr(out), repr(out.items[0]), repr(out.items[-1]), repr(out.items[0].image)]
@@ -287,14 +277,14 @@ def test_stage_count_comes_from_the_config():
     assert torch.allclose(out.pooled, out.stage_maps[-1].mean(dim=(2, 3)), atol=1e-5)
 
 
-def test_cached_names_resolve_offline_in_every_entry_point(tiny, png, tmp_path, monkeypatch):
+def test_cached_names_resolve_offline_in_every_entry_point(tiny_openus, png, tmp_path, monkeypatch):
     """The other side of the resolver: a published registry name and a Hub id that are in the local HF cache load
     offline through extract_features, the pipeline and ``openus-hub embed``, with the same numbers as the model."""
     from openus_hub import pretrained
     from openus_hub.cli import main, read_output
     from tests.test_hub_registry import build_hf_cache
 
-    model, folder = tiny
+    model, folder = tiny_openus
     commit = "0123456789abcdef0123456789abcdef01234567"
     build_hf_cache(folder, tmp_path / "hub", "lab/tiny-openus", commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
